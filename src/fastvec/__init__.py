@@ -1,6 +1,12 @@
-"""fastvec: a shared-memory, Cython-accelerated drop-in for gymnasium.vector.AsyncVectorEnv."""
+"""fastvec: a shared-memory, Cython-accelerated drop-in for gymnasium.vector.AsyncVectorEnv.
 
+>>> from fastvec import AsyncVectorEnv   # was: from gymnasium.vector import AsyncVectorEnv
+"""
+
+from fastvec import errors
 from fastvec._version import __version__
 from fastvec.layout import register_layout
+from fastvec.registration import make_vec
+from fastvec.vector_env import AsyncVectorEnv
 
-__all__ = ["__version__", "register_layout"]
+__all__ = ["AsyncVectorEnv", "__version__", "errors", "make_vec", "register_layout"]

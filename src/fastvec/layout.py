@@ -296,18 +296,24 @@ def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.n
         raise ValueError(f"{path}: expected shape {shape}, got shape {array.shape}"
                          f" ({_describe(value)})")
     if array.dtype == dtype:
-        return np.ascontiguousarray(array)
+        return _contiguous(array, dtype)
     if array.dtype.kind in "biu" and dtype.kind in "iu":
         if array.size:
             info = np.iinfo(dtype)
             low, high = array.min(), array.max()
             if low < info.min or high > info.max:
                 raise ValueError(f"{path}: values in [{low}, {high}] do not fit dtype {dtype}")
-        return np.ascontiguousarray(array, dtype=dtype)
+        return _contiguous(array, dtype)
     if array.dtype.kind == "O" or not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise ValueError(f"{path}: cannot cast dtype {array.dtype} to the leaf dtype {dtype} "
                          "safely")
-    return np.ascontiguousarray(array, dtype=dtype)
+    return _contiguous(array, dtype)
+
+
+def _contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,). Passing dtype also swaps
+    # an equal dtype with another buffer format (np.longlong for int64) for the leaf's own.
+    return np.asarray(array, dtype=dtype, order="C")
 
 
 def _as_index(node: Node, value: Any, path: str) -> int:

@@ -1,0 +1,87 @@
+"""The shared layout of the control region and the command codes, used by both sides."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from gymnasium import spaces
+
+from fastvec.layout import ALIGNMENT, Layout, align
+
+MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
+LAYOUT_VERSION = 1
+HEADER = struct.Struct("<QIIIIQ")  # magic, version, num_envs, num_workers, reserved, total bytes
+
+LINE = ALIGNMENT
+# Offsets inside one worker's control line.
+CMD_SEQ = 0
+CMD = 4
+STATUS = 8
+INFO_PENDING = 12
+# Offset of the parent's pending counter inside its line.
+PENDING = 0
+
+CMD_STEP = 1
+CMD_PIPE = 2
+
+STATUS_STARTING = 0
+STATUS_READY = 1
+STATUS_FAILED = 2
+
+# Parent-death and dead-worker checks run between wait slices of this many seconds.
+WAIT_SLICE = 0.05
+
+
+class SegmentPlan:
+    """Byte offsets of every region of one vector env's segment.
+
+    Both processes build it from the same arguments, so they agree on every offset.
+    """
+
+    def __init__(self, num_envs: int, num_workers: int, action_space: spaces.Space,
+                 observation_space: spaces.Space | None, check_obs_range: bool = True) -> None:
+        self.num_envs = num_envs
+        self.num_workers = num_workers
+        control = LINE * (2 + num_workers)
+        self.actions = Layout(action_space, num_envs, control, check_range=False,
+                              path="actions")
+        cursor = control + self.actions.nbytes
+        self.observations: Layout | None = None
+        if observation_space is not None:
+            self.observations = Layout(observation_space, num_envs, cursor,
+                                       check_range=check_obs_range, path="obs")
+            cursor += self.observations.nbytes
+        self.rewards = cursor
+        cursor += align(8 * num_envs)
+        self.terminations = cursor
+        cursor += align(num_envs)
+        self.truncations = cursor
+        cursor += align(num_envs)
+        self.nbytes = cursor
+
+    def worker_line(self, worker: int) -> int:
+        return LINE * (1 + worker)
+
+    @property
+    def parent_line(self) -> int:
+        return LINE * (1 + self.num_workers)
+
+    def write_header(self, buffer) -> None:
+        HEADER.pack_into(buffer, 0, MAGIC, LAYOUT_VERSION, self.num_envs, self.num_workers, 0,
+                         self.nbytes)
+
+    def check_header(self, buffer) -> None:
+        magic, version, num_envs, num_workers, _, nbytes = HEADER.unpack_from(buffer, 0)
+        if magic != MAGIC or version != LAYOUT_VERSION:
+            raise RuntimeError("the shared-memory segment is not a fastvec segment of this version")
+        if (num_envs, num_workers, nbytes) != (self.num_envs, self.num_workers, self.nbytes):
+            raise RuntimeError("the shared-memory segment does not match this vector env's layout")
+
+    def result_arrays(self, buffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = self.num_envs
+        return (
+            np.ndarray((n,), np.float64, buffer=buffer, offset=self.rewards),
+            np.ndarray((n,), np.bool_, buffer=buffer, offset=self.terminations),
+            np.ndarray((n,), np.bool_, buffer=buffer, offset=self.truncations),
+        )

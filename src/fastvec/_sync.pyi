@@ -1,0 +1,36 @@
+"""Type stubs for fastvec._sync (cross-process doorbells)."""
+
+from types import TracebackType
+from typing import Final, Literal
+
+from typing_extensions import Buffer  # stub-only import; never executed
+
+HAVE_FUTEX: Final[bool]
+
+class Doorbells:
+    """Atomic 32-bit doorbell words over a writable, C-contiguous buffer."""
+
+    def __init__(self, buffer: Buffer) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def released(self) -> bool: ...
+    def load(self, offset: int) -> int: ...
+    def store(self, offset: int, value: int) -> None: ...
+    def add(self, offset: int, delta: int) -> int: ...
+    def wake(self, offset: int, count: int = ...) -> int: ...
+    def wait_while_equal(
+        self,
+        offset: int,
+        expected: int,
+        timeout: float = -1.0,
+        spin: float = 20e-6,
+    ) -> Literal[0, 1]: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> Doorbells: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]: ...

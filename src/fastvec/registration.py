@@ -1,0 +1,69 @@
+"""``fastvec.make_vec``: Gymnasium's ``make_vec(..., vectorization_mode="async")``, on fastvec."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium
+from gymnasium import Env
+from gymnasium.envs.registration import EnvSpec
+
+from fastvec.vector_env import AsyncVectorEnv
+
+__all__ = ["make_vec"]
+
+
+def make_vec(
+    id: str | EnvSpec,
+    num_envs: int = 1,
+    vector_kwargs: dict[str, Any] | None = None,
+    wrappers: Sequence[Callable[[Env], gymnasium.Wrapper]] | None = None,
+    **kwargs: Any,
+) -> AsyncVectorEnv:
+    """Create a fastvec :class:`AsyncVectorEnv` of ``num_envs`` copies of a registered env.
+
+    Mirrors ``gymnasium.make_vec(id, num_envs, vectorization_mode="async", vector_kwargs=...,
+    wrappers=..., **kwargs)``: ``vector_kwargs`` go to :class:`AsyncVectorEnv` (fastvec's own
+    options such as ``num_workers`` included), ``wrappers`` wrap each sub-environment, and
+    ``kwargs`` go to ``gymnasium.make``.
+    """
+    if isinstance(id, EnvSpec):
+        env_spec = id
+    elif isinstance(id, str):
+        env_spec = gymnasium.spec(id)
+    else:
+        raise gymnasium.error.Error(f"Invalid id type: {type(id)}. Expected `str` or `EnvSpec`")
+    env_spec = copy.deepcopy(env_spec)
+    env_kwargs = dict(env_spec.kwargs)
+    env_spec.kwargs = {}
+    num_envs = env_kwargs.pop("num_envs", num_envs)
+    env_kwargs.pop("vectorization_mode", None)
+    vector_kwargs = dict(env_kwargs.pop("vector_kwargs", vector_kwargs) or {})
+    wrappers = list(env_kwargs.pop("wrappers", wrappers) or [])
+    env_kwargs.update(kwargs)
+    if env_spec.entry_point is None:
+        raise gymnasium.error.Error(
+            f"Cannot create vectorized environment for {env_spec.id} because it doesn't have an "
+            "entry point defined."
+        )
+
+    def create_env() -> Env:
+        env = gymnasium.make(env_spec, **env_kwargs.copy())
+        for wrapper in wrappers:
+            env = wrapper(env)
+        return env
+
+    envs = AsyncVectorEnv([create_env for _ in range(num_envs)], **vector_kwargs)
+    spec = copy.deepcopy(env_spec)
+    spec.kwargs = env_kwargs.copy()
+    if num_envs != 1:
+        spec.kwargs["num_envs"] = num_envs
+    spec.kwargs["vectorization_mode"] = "async"
+    if vector_kwargs:
+        spec.kwargs["vector_kwargs"] = vector_kwargs
+    if wrappers:
+        spec.kwargs["wrappers"] = wrappers
+    envs.unwrapped.spec = spec
+    return envs

@@ -1,0 +1,770 @@
+"""fastvec.AsyncVectorEnv: Gymnasium's AsyncVectorEnv over one shared-memory segment."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import secrets
+import signal
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from copy import deepcopy
+from enum import Enum
+from multiprocessing import connection, shared_memory
+from typing import Any
+
+import numpy as np
+from gymnasium import Env, Space, logger
+from gymnasium.error import (
+    AlreadyPendingCallError,
+    ClosedEnvironmentError,
+    CustomSpaceError,
+    NoAsyncCallError,
+)
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import (
+    CloudpickleWrapper,
+    batch_differing_spaces,
+    batch_space,
+    clear_mpi_env_vars,
+    concatenate,
+    create_empty_array,
+)
+
+from fastvec import _protocol as P
+from fastvec._kernels import Segment
+from fastvec._sync import Doorbells
+from fastvec.errors import RemoteTraceback, WorkerDiedError
+from fastvec.worker import worker_main
+
+__all__ = ["AsyncVectorEnv", "AsyncState"]
+
+
+class AsyncState(Enum):
+    """What the vector env is waiting for."""
+
+    DEFAULT = "default"
+    WAITING_RESET = "reset"
+    WAITING_STEP = "step"
+    WAITING_CALL = "call"
+
+
+def default_num_workers(num_envs: int) -> int:
+    """The usable cores (``os.sched_getaffinity``), never more than ``num_envs``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, num_envs))
+
+
+def split_groups(num_envs: int, num_workers: int) -> list[range]:
+    """Contiguous, near-equal groups of env indices, one per worker."""
+    base, extra = divmod(num_envs, num_workers)
+    groups, start = [], 0
+    for w in range(num_workers):
+        stop = start + base + (1 if w < extra else 0)
+        groups.append(range(start, stop))
+        start = stop
+    return groups
+
+
+class _Resources:
+    """Everything that must be released exactly once, even if the env is never closed.
+
+    Held apart from the env so that a ``weakref.finalize`` can clean up without keeping the
+    env alive.
+    """
+
+    def __init__(self) -> None:
+        self.shm: shared_memory.SharedMemory | None = None
+        self.doorbells: Doorbells | None = None
+        self.segment: Segment | None = None
+        self.plan: P.SegmentPlan | None = None
+        self.results: tuple | None = None
+        self.processes: list = []
+        self.pipes: list = []
+
+    def terminate_workers(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+
+    def shutdown(self, join_timeout: float = 2.0) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self.pipes = []
+        deadline = time.monotonic() + join_timeout
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        for process in self.processes:
+            try:
+                process.close()
+            except ValueError:
+                pass
+        self.processes = []
+        self.release_segment()
+
+    def release_segment(self) -> None:
+        if self.plan is not None:
+            self.plan.actions.unbind()
+            if self.plan.observations is not None:
+                self.plan.observations.unbind()
+        self.results = None
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
+        if self.doorbells is not None:
+            self.doorbells.release()
+            self.doorbells = None
+        shm, self.shm = self.shm, None
+        if shm is None:
+            return
+        try:
+            shm.close()
+        except BufferError:
+            # The caller still holds copy=False views: let them keep the mapping alive and
+            # free it when they go, without the SharedMemory object complaining later.
+            shm._buf = None  # type: ignore[attr-defined]
+            shm._mmap = None  # type: ignore[attr-defined]
+            if getattr(shm, "_fd", -1) >= 0:
+                os.close(shm._fd)  # type: ignore[attr-defined]
+                shm._fd = -1  # type: ignore[attr-defined]
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class AsyncVectorEnv(VectorEnv):
+    """Steps sub-environments in worker processes, moving every per-step byte through shared memory.
+
+    A drop-in for :class:`gymnasium.vector.AsyncVectorEnv`: the same constructor, methods,
+    errors and semantics. Sub-environments are split into contiguous groups, one group per
+    worker process; actions, observations, rewards and flags travel through one
+    ``multiprocessing.shared_memory`` segment and workers are woken through futex doorbells,
+    so a step pickles nothing unless an env returns a non-empty info or raises.
+
+    Parameters
+    ----------
+    env_fns
+        Functions that create the sub-environments.
+    shared_memory
+        Observations travel through the segment (``True``) or pickled through pipes
+        (``False``: the path for Graph, Sequence and unregistered custom spaces).
+    copy
+        ``True``: ``reset`` and ``step`` return observations that never change afterwards.
+        ``False``: they return views into the segment that the next ``step`` or ``reset``
+        overwrites (copy what you keep)::
+
+            obs, *_ = envs.step(actions)       # obs is a view
+            buffer[t] = obs                    # copy it into your rollout storage
+    context
+        ``multiprocessing`` start method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None``.
+    daemon
+        Start the workers as daemon processes.
+    worker
+        Gymnasium's custom per-env worker function. Not supported: fastvec's workers step a
+        group of envs through the segment, so Gymnasium's pipe protocol has no place to run;
+        passing one raises ``ValueError``.
+    observation_mode
+        ``"same"``, ``"different"`` or a ``(batched, single)`` tuple of spaces, as in Gymnasium.
+    autoreset_mode
+        :class:`gymnasium.vector.AutoresetMode` (or its value).
+    max_concurrency
+        At most this many sub-environments run ``reset``/``step`` at once.
+    num_workers
+        Worker processes. Default: the usable cores, never more than the number of envs.
+    """
+
+    def __init__(
+        self,
+        env_fns: Sequence[Callable[[], Env]],
+        shared_memory: bool = True,
+        copy: bool = True,
+        context: str | None = None,
+        daemon: bool = True,
+        worker: Callable[..., None] | None = None,
+        observation_mode: str | tuple[Space, Space] = "same",
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        max_concurrency: int | None = None,
+        *,
+        num_workers: int | None = None,
+    ) -> None:
+        self._state = AsyncState.DEFAULT
+        self._broken: WorkerDiedError | None = None
+        self._resources = _Resources()
+        self.closed = False
+        self.env_fns = env_fns
+        self.shared_memory = shared_memory
+        self.copy = copy
+        self.context = context
+        self.daemon = daemon
+        self.worker = worker
+        self.observation_mode = observation_mode
+        self.autoreset_mode = (autoreset_mode if isinstance(autoreset_mode, AutoresetMode)
+                               else AutoresetMode(autoreset_mode))
+        if max_concurrency is not None:
+            if not isinstance(max_concurrency, (int, np.integer)):
+                raise ValueError(
+                    f"`max_concurrency` must be an integer or None, got {type(max_concurrency)}."
+                )
+            if max_concurrency < 1:
+                raise ValueError(
+                    f"`max_concurrency` must be a positive or None, got {max_concurrency}."
+                )
+        self.max_concurrency = max_concurrency
+        if worker is not None:
+            raise ValueError(
+                "fastvec.AsyncVectorEnv does not run a custom `worker`: its workers step "
+                "groups of sub-environments through shared memory, which Gymnasium's per-env "
+                "pipe worker protocol cannot drive. Use gymnasium.vector.AsyncVectorEnv for a "
+                "custom worker."
+            )
+        self.num_envs = len(env_fns)
+        if self.num_envs < 1:
+            raise ValueError("`env_fns` must hold at least one environment function.")
+        if num_workers is None:
+            num_workers = default_num_workers(self.num_envs)
+        if not isinstance(num_workers, (int, np.integer)) or not 1 <= num_workers <= self.num_envs:
+            raise ValueError(
+                f"`num_workers` must be an integer in [1, num_envs={self.num_envs}], "
+                f"got {num_workers!r}."
+            )
+        self.num_workers = int(num_workers)
+
+        dummy_env = env_fns[0]()
+        try:
+            self.metadata = dict(dummy_env.metadata)
+            self.metadata["autoreset_mode"] = self.autoreset_mode
+            self.render_mode = dummy_env.render_mode
+            self.single_action_space = dummy_env.action_space
+            self.action_space = batch_space(self.single_action_space, self.num_envs)
+            if isinstance(observation_mode, tuple) and len(observation_mode) == 2:
+                if not all(isinstance(s, Space) for s in observation_mode):
+                    raise TypeError(
+                        "Expected both elements of observation_mode to be Spaces, got "
+                        f"{type(observation_mode[0])} and {type(observation_mode[1])}"
+                    )
+                self.observation_space, self.single_observation_space = observation_mode
+            elif observation_mode == "same":
+                self.single_observation_space = dummy_env.observation_space
+                self.observation_space = batch_space(self.single_observation_space,
+                                                     self.num_envs)
+            elif observation_mode == "different":
+                env_spaces = [fn().observation_space for fn in env_fns]
+                self.single_observation_space = env_spaces[0]
+                self.observation_space = batch_differing_spaces(env_spaces)
+            else:
+                raise ValueError(
+                    "Invalid `observation_mode`, expected: 'same' or 'different' or tuple of "
+                    f"single and batch observation space, actual got {observation_mode}"
+                )
+        finally:
+            dummy_env.close()
+            del dummy_env
+
+        try:
+            plan = P.SegmentPlan(
+                self.num_envs, self.num_workers, self.single_action_space,
+                self.single_observation_space if shared_memory else None,
+                check_obs_range=observation_mode == "same",
+            )
+        except CustomSpaceError as exc:
+            raise ValueError(
+                "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable "
+                "this feature with `shared_memory=False` however this is slower."
+            ) from exc
+        self._plan = plan
+        self._groups = split_groups(self.num_envs, self.num_workers)
+        if shared_memory:
+            self.observations = None
+            self._pipe_obs = None
+        else:
+            self.observations = create_empty_array(self.single_observation_space,
+                                                   n=self.num_envs, fn=np.zeros)
+            self._pipe_obs = [None] * self.num_envs
+
+        self._start(plan)
+        weakref.finalize(self, _finalize, self._resources)
+        self._check_spaces()
+
+    # -- construction ----------------------------------------------------------------------
+    def _start(self, plan: P.SegmentPlan) -> None:
+        res = self._resources
+        ctx = multiprocessing.get_context(self.context)
+        res.plan = plan
+        res.shm = shared_memory.SharedMemory(name=f"fastvec_{secrets.token_hex(12)}",
+                                             create=True, size=plan.nbytes)
+        buffer = res.shm.buf
+        plan.write_header(buffer)
+        res.doorbells = Doorbells(buffer)
+        res.segment = Segment(buffer)
+        plan.actions.bind(res.segment, buffer)
+        if plan.observations is not None:
+            plan.observations.bind(res.segment, buffer)
+        res.results = plan.result_arrays(buffer)
+        self._doorbells = res.doorbells
+        self._pending = plan.parent_line + P.PENDING
+        semaphore = (ctx.BoundedSemaphore(self.max_concurrency)
+                     if self.max_concurrency is not None else None)
+        try:
+            with clear_mpi_env_vars():
+                for w, group in enumerate(self._groups):
+                    parent_pipe, child_pipe = ctx.Pipe()
+                    env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
+                    process = ctx.Process(
+                        target=worker_main,
+                        name=f"Worker<{type(self).__name__}>-{w}",
+                        args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
+                              res.shm.name, self.autoreset_mode, self.shared_memory,
+                              semaphore, os.getpid()),
+                        daemon=self.daemon,
+                    )
+                    res.pipes.append(parent_pipe)
+                    res.processes.append(process)
+                    process.start()
+                    child_pipe.close()
+            errors = []
+            for w in range(self.num_workers):
+                kind, data = self._recv(w)
+                if kind == "init_error":
+                    errors.append(data)
+            if errors:
+                self._raise_errors(errors)
+        except BaseException:
+            res.terminate_workers()
+            res.shutdown()
+            self.closed = True
+            raise
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def np_random_seed(self) -> tuple[int, ...]:
+        """The ``np_random_seed`` of every sub-environment."""
+        return self.get_attr("np_random_seed")
+
+    @property
+    def np_random(self) -> tuple[np.random.Generator, ...]:
+        """The ``np_random`` generator of every sub-environment."""
+        return self.get_attr("np_random")
+
+    # -- the doorbell protocol -------------------------------------------------------------
+    def _ring(self, command: int, messages: list | None = None) -> None:
+        doorbells = self._doorbells
+        doorbells.store(self._pending, self.num_workers)
+        for w in range(self.num_workers):
+            if messages is not None:
+                self._resources.pipes[w].send(messages[w])
+            line = self._plan.worker_line(w)
+            doorbells.store(line + P.CMD, command)
+            doorbells.store(line + P.CMD_SEQ, (doorbells.load(line + P.CMD_SEQ) + 1) & 0xFFFFFFFF)
+            doorbells.wake(line + P.CMD_SEQ, 1)
+
+    def _wait_pending(self, timeout: float | None, name: str) -> list:
+        """Wait until every worker finished the command; return each worker's pipe reply."""
+        doorbells = self._doorbells
+        pending = self._pending
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            value = doorbells.load(pending)
+            if value == 0:
+                break
+            wait = P.WAIT_SLICE
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise multiprocessing.TimeoutError(
+                        f"The call to `{name}_wait` has timed out after {timeout} second(s)."
+                    )
+                wait = min(wait, remaining)
+            if not doorbells.wait_while_equal(pending, value, wait):
+                self._check_workers()
+        replies = [None] * self.num_workers
+        for w in range(self.num_workers):
+            if doorbells.load(self._plan.worker_line(w) + P.INFO_PENDING):
+                replies[w] = self._recv(w)
+        return replies
+
+    def _recv(self, w: int) -> Any:
+        pipe = self._resources.pipes[w]
+        process = self._resources.processes[w]
+        while True:
+            ready = connection.wait([pipe, process.sentinel], P.WAIT_SLICE * 4)
+            if pipe in ready:
+                try:
+                    return pipe.recv()
+                except EOFError:
+                    pass
+                self._worker_died(w)
+            if process.sentinel in ready:
+                if pipe.poll(0):
+                    continue
+                self._worker_died(w)
+
+    def _check_workers(self) -> None:
+        for w, process in enumerate(self._resources.processes):
+            if process.exitcode is not None:
+                self._worker_died(w)
+
+    def _worker_died(self, w: int) -> None:
+        process = self._resources.processes[w]
+        process.join(0.1)
+        code = process.exitcode
+        group = self._groups[w]
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        error = WorkerDiedError(
+            f"fastvec worker {w} (pid {process.pid}, envs {group.start}..{group.stop - 1}) "
+            f"{how}. The vector env cannot continue; close it and make a new one.",
+            worker=w, env_indices=tuple(group), pid=process.pid, exitcode=code,
+        )
+        self._broken = error
+        self._state = AsyncState.DEFAULT
+        raise error
+
+    def _raise_errors(self, errors: list) -> None:
+        """Log every sub-env error the Gymnasium way and raise the last one."""
+        if not errors:
+            return
+        self._state = AsyncState.DEFAULT
+        exception = None
+        for index, payload in errors:
+            blob, type_blob, type_name, message, trace = payload
+            logger.error(f"Received the following error from Worker-{index}")
+            logger.error(trace)
+            exception = _rebuild_exception(blob, type_blob, type_name, message, trace)
+        logger.error("Raising the last exception back to the main process.")
+        raise exception
+
+    def _assert_is_running(self) -> None:
+        if self.closed:
+            raise ClosedEnvironmentError(
+                f"Trying to operate on `{type(self).__name__}`, after a call to `close()`."
+            )
+        if self._broken is not None:
+            raise self._broken
+
+    # -- reset -----------------------------------------------------------------------------
+    def reset(self, *, seed: int | list[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Reset every sub-environment (or those in ``options["reset_mask"]``)."""
+        self.reset_async(seed=seed, options=options)
+        return self.reset_wait()
+
+    def reset_async(self, seed: int | list[int | None] | None = None,
+                    options: dict[str, Any] | None = None) -> None:
+        """Send the reset to the workers; :meth:`reset_wait` collects it."""
+        self._assert_is_running()
+        if seed is None:
+            seed = [None] * self.num_envs
+        elif isinstance(seed, int):
+            seed = [seed + i for i in range(self.num_envs)]
+        if len(seed) != self.num_envs:
+            raise ValueError(
+                f"If seeds are passed as a list the length must match num_envs={self.num_envs}"
+                f" but got length={len(seed)}."
+            )
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `reset_async` while waiting for a pending call to "
+                f"`{self._state.value}` to complete",
+                str(self._state.value),
+            )
+        mask = None
+        if options is not None and "reset_mask" in options:
+            options = dict(options)
+            mask = options.pop("reset_mask")
+            if not isinstance(mask, np.ndarray):
+                raise TypeError(
+                    f"`options['reset_mask']` must be a numpy array, got {type(mask)}"
+                )
+            if mask.shape != (self.num_envs,):
+                raise ValueError(
+                    f"`options['reset_mask']` must have shape `({self.num_envs},)`, "
+                    f"got {mask.shape}"
+                )
+            if mask.dtype != np.bool_:
+                raise TypeError(
+                    f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}"
+                )
+            if not np.any(mask):
+                raise ValueError(
+                    "`options['reset_mask']` must contain a boolean array with at least one "
+                    f"True value, got reset_mask={mask}"
+                )
+        messages = [
+            ("reset", (list(seed[g.start:g.stop]), options,
+                       None if mask is None else [bool(m) for m in mask[g.start:g.stop]]))
+            for g in self._groups
+        ]
+        self._ring(P.CMD_PIPE, messages)
+        self._state = AsyncState.WAITING_RESET
+
+    def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """Wait for the reset sent by :meth:`reset_async` and return ``(observations, infos)``."""
+        self._assert_is_running()
+        if self._state != AsyncState.WAITING_RESET:
+            raise NoAsyncCallError(
+                "Calling `reset_wait` without any prior call to `reset_async`.",
+                AsyncState.WAITING_RESET.value,
+            )
+        replies = self._wait_pending(timeout, "reset")
+        self._state = AsyncState.DEFAULT
+        infos: dict[str, Any] = {}
+        errors: list = []
+        for reply in replies:
+            r_infos, r_errors, r_obs = reply
+            for i, info in r_infos:
+                infos = self._add_info(infos, info, i)
+            errors.extend(r_errors)
+            self._store_pipe_obs(r_obs)
+        self._raise_errors(errors)
+        return self._observations(), infos
+
+    # -- step ------------------------------------------------------------------------------
+    def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Step every sub-environment with its action from the batch ``actions``."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Any) -> None:
+        """Write the action batch into the segment and wake the workers.
+
+        A batch that does not fit the action space raises ``ValueError`` here, before any
+        worker sees it; the env stays usable.
+        """
+        self._assert_is_running()
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `step_async` while waiting for a pending call to "
+                f"`{self._state.value}` to complete.",
+                str(self._state.value),
+            )
+        self._plan.actions.write_batch(actions)
+        self._ring(P.CMD_STEP)
+        self._state = AsyncState.WAITING_STEP
+
+    def step_wait(self, timeout: float | None = None
+                  ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Wait for the step sent by :meth:`step_async` and return its batched results.
+
+        On ``multiprocessing.TimeoutError`` the step stays pending: call ``step_wait`` again
+        to complete it.
+        """
+        self._assert_is_running()
+        if self._state != AsyncState.WAITING_STEP:
+            raise NoAsyncCallError(
+                "Calling `step_wait` without any prior call to `step_async`.",
+                AsyncState.WAITING_STEP.value,
+            )
+        replies = self._wait_pending(timeout, "step")
+        self._state = AsyncState.DEFAULT
+        infos: dict[str, Any] = {}
+        errors: list = []
+        for reply in replies:
+            if reply is None:
+                continue
+            r_infos, r_errors, r_obs = reply
+            if r_infos:
+                for i, info in r_infos:
+                    infos = self._add_info(infos, info, i)
+            if r_errors:
+                errors.extend(r_errors)
+            if r_obs:
+                self._store_pipe_obs(r_obs)
+        self._raise_errors(errors)
+        rewards, terminations, truncations = self._resources.results
+        return (self._observations(), rewards.copy(), terminations.copy(),
+                truncations.copy(), infos)
+
+    def _store_pipe_obs(self, pipe_obs: list | None) -> None:
+        if pipe_obs:
+            for i, obs in pipe_obs:
+                self._pipe_obs[i] = obs
+
+    def _observations(self) -> Any:
+        layout = self._plan.observations
+        if layout is not None:
+            return layout.read_batch(copy=self.copy)
+        if any(obs is None for obs in self._pipe_obs):
+            return deepcopy(self.observations) if self.copy else self.observations
+        self.observations = concatenate(self.single_observation_space, self._pipe_obs,
+                                        self.observations)
+        return deepcopy(self.observations) if self.copy else self.observations
+
+    # -- call, get_attr, set_attr, render --------------------------------------------------
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call ``name`` (a method, or read an attribute) on every sub-environment."""
+        self.call_async(name, *args, **kwargs)
+        return self.call_wait()
+
+    def render(self) -> tuple[Any, ...] | None:
+        """The rendered frame of every sub-environment."""
+        return self.call("render")
+
+    def call_async(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Send ``call(name, *args, **kwargs)`` to every sub-environment."""
+        self._assert_is_running()
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `call_async` while waiting for a pending call to "
+                f"`{self._state.value}` to complete.",
+                str(self._state.value),
+            )
+        self._ring(P.CMD_PIPE, [("call", (name, args, kwargs))] * self.num_workers)
+        self._state = AsyncState.WAITING_CALL
+
+    def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
+        """Wait for the call sent by :meth:`call_async`; one result per sub-environment."""
+        self._assert_is_running()
+        if self._state != AsyncState.WAITING_CALL:
+            raise NoAsyncCallError(
+                "Calling `call_wait` without any prior call to `call_async`.",
+                AsyncState.WAITING_CALL.value,
+            )
+        replies = self._wait_pending(timeout, "call")
+        self._state = AsyncState.DEFAULT
+        return self._gather_results(replies)
+
+    def _gather_results(self, replies: list) -> tuple[Any, ...]:
+        results: list = []
+        errors: list = []
+        for r_results, r_errors in replies:
+            results.extend(r_results)
+            errors.extend(r_errors)
+        self._raise_errors(errors)
+        return tuple(results)
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """The attribute ``name`` of every sub-environment."""
+        return self.call(name)
+
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | object) -> None:
+        """Set ``name`` on every sub-environment (one value each, or one for all)."""
+        self._assert_is_running()
+        if not isinstance(values, (list, tuple)):
+            values = [values for _ in range(self.num_envs)]
+        if len(values) != self.num_envs:
+            raise ValueError(
+                "Values must be a list or tuple with length equal to the number of "
+                f"environments. Got `{len(values)}` values for {self.num_envs} environments."
+            )
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `set_attr` while waiting for a pending call to "
+                f"`{self._state.value}` to complete.",
+                str(self._state.value),
+            )
+        self._ring(P.CMD_PIPE, [("setattr", (name, list(values[g.start:g.stop])))
+                                for g in self._groups])
+        self._gather_results(self._wait_pending(None, "set_attr"))
+
+    def _check_spaces(self) -> None:
+        self._assert_is_running()
+        message = ("check_spaces", (self.observation_mode, self.single_observation_space,
+                                    self.single_action_space))
+        self._ring(P.CMD_PIPE, [message] * self.num_workers)
+        results = self._gather_results(self._wait_pending(None, "check_spaces"))
+        same_observation_spaces, same_action_spaces = zip(*results)
+        if not all(same_observation_spaces):
+            if self.observation_mode == "same":
+                raise RuntimeError(
+                    "AsyncVectorEnv(..., observation_mode='same') however some of the "
+                    "sub-environments observation spaces are not equivalent. If this is "
+                    "intentional, use `observation_mode='different'` instead."
+                )
+            raise RuntimeError(
+                "AsyncVectorEnv(..., observation_mode='different' or custom space) however the "
+                "sub-environment's observation spaces do not share a common shape and dtype."
+            )
+        if not all(same_action_spaces):
+            raise RuntimeError(
+                f"Some environments have an action space different from "
+                f"`{self.single_action_space}`. In order to batch actions, the action spaces "
+                "from all environments must be equal."
+            )
+
+    # -- close -----------------------------------------------------------------------------
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        """Close the sub-environments, end the workers and free the segment.
+
+        Parameters
+        ----------
+        timeout
+            Seconds to wait for a pending call and for the sub-environments to close; past it
+            the workers are terminated.
+        terminate
+            End the workers at once without closing the sub-environments.
+        """
+        res = self._resources
+        timeout = 0 if terminate else timeout
+        healthy = self._broken is None and res.shm is not None
+        try:
+            if healthy and self._state != AsyncState.DEFAULT:
+                logger.warn(
+                    f"Calling `close` while waiting for a pending call to "
+                    f"`{self._state.value}` to complete."
+                )
+                getattr(self, f"{self._state.value}_wait")(timeout)
+        except multiprocessing.TimeoutError:
+            terminate = True
+        except Exception:
+            # the pending call's own error was already logged; closing goes on
+            healthy = self._broken is None
+        if healthy and not terminate:
+            try:
+                self._ring(P.CMD_PIPE, [("close", None)] * self.num_workers)
+                self._gather_results(self._wait_pending(timeout, "close"))
+            except multiprocessing.TimeoutError:
+                terminate = True
+            except WorkerDiedError:
+                pass
+        if terminate or not healthy:
+            res.terminate_workers()
+        self._state = AsyncState.DEFAULT
+        res.shutdown()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True) and hasattr(self, "_state"):
+            self.close(terminate=True)
+
+
+def _finalize(resources: _Resources) -> None:
+    resources.terminate_workers()
+    resources.shutdown()
+
+
+def _rebuild_exception(blob: bytes | None, type_blob: bytes | None, type_name: str,
+                       message: str, trace: str) -> BaseException:
+    exception: BaseException | None = None
+    if blob is not None:
+        try:
+            exception = pickle.loads(blob)
+        except Exception:
+            exception = None
+    if exception is None and type_blob is not None:
+        try:
+            exception = pickle.loads(type_blob)(message)
+        except Exception:
+            exception = None
+    if exception is None:
+        exception = RuntimeError(f"{type_name}: {message}")
+    exception.__cause__ = RemoteTraceback(trace)
+    return exception

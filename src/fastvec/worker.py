@@ -1,0 +1,306 @@
+"""The worker process: runs one contiguous group of sub-environments.
+
+It waits on its doorbell in the segment. A step command reads each env's action from the
+segment, steps the env (autoreset handled here) and writes observation, reward and flags back.
+Anything that is not fixed-size (a non-empty info, an error, observations when
+``shared_memory=False``, every other command's result) goes through the worker's pipe, and
+only then.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import traceback
+from multiprocessing import shared_memory
+from typing import Any
+
+from gymnasium.spaces.utils import is_space_dtype_shape_equiv
+from gymnasium.vector import AutoresetMode
+
+from fastvec import _protocol as P
+from fastvec._kernels import Segment
+from fastvec._sync import Doorbells
+
+_FORBIDDEN_CALLS = ("reset", "step", "close", "_setattr", "_check_spaces")
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to kill this worker when its parent dies (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # the ppid check in the wait loop still covers this
+        pass
+
+
+def error_payload(exc: BaseException) -> tuple[Any, ...]:
+    """Describe ``exc`` for the parent: the pickled exception when it pickles, else its text."""
+    trace = traceback.format_exc()
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    try:
+        type_blob = pickle.dumps(type(exc))
+    except Exception:
+        type_blob = None
+    return (blob, type_blob, type(exc).__qualname__, str(exc), trace)
+
+
+class Worker:
+    def __init__(self, index: int, start: int, env_fns: list, pipe, plan: P.SegmentPlan,
+                 segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
+                 semaphore, parent_pid: int) -> None:
+        self.index = index
+        self.start = start
+        self.pipe = pipe
+        self.plan = plan
+        self.autoreset_mode = autoreset_mode
+        self.shared_memory_obs = shared_memory_obs
+        self.semaphore = semaphore
+        self.parent_pid = parent_pid
+        self.line = plan.worker_line(index)
+        self.pending = plan.parent_line + P.PENDING
+
+        self.shm = _attach(segment_name)
+        self.doorbells = Doorbells(self.shm.buf)
+        self.segment = Segment(self.shm.buf)
+        plan.check_header(self.shm.buf)
+        plan.actions.bind(self.segment, self.shm.buf)
+        if plan.observations is not None:
+            plan.observations.bind(self.segment, self.shm.buf)
+        self.rewards, self.terminations, self.truncations = plan.result_arrays(self.shm.buf)
+
+        self.envs: list = []
+        self.env_fns = env_fns
+        self.autoreset = [False] * len(env_fns)
+        self.last_obs: list = [None] * len(env_fns)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def detach(self) -> None:
+        self.plan.actions.unbind()
+        if self.plan.observations is not None:
+            self.plan.observations.unbind()
+        self.rewards = self.terminations = self.truncations = None
+        self.segment.release()
+        self.doorbells.release()
+        self.shm.close()
+
+    def close_envs(self) -> list:
+        errors = []
+        for j, env in enumerate(self.envs):
+            try:
+                env.close()
+            except Exception as exc:
+                errors.append((self.start + j, error_payload(exc)))
+        self.envs = []
+        return errors
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.parent_pid
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, seq: int) -> None:
+        """Serve commands until ``close``; ``seq`` is the last command sequence seen."""
+        doorbells = self.doorbells
+        seq_offset = self.line + P.CMD_SEQ
+        while True:
+            if not doorbells.wait_while_equal(seq_offset, seq, P.WAIT_SLICE * 10):
+                if not self.parent_alive():
+                    return
+                continue
+            seq = doorbells.load(seq_offset)
+            command = doorbells.load(self.line + P.CMD)
+            if command == P.CMD_STEP:
+                reply = self.step_group()
+                closing = False
+            else:
+                name, data = self.pipe.recv()
+                closing = name == "close"
+                reply = self.handle(name, data)
+            doorbells.store(self.line + P.INFO_PENDING, 0 if reply is None else 1)
+            if doorbells.add(self.pending, -1) == 0:
+                doorbells.wake(self.pending)
+            if reply is not None:
+                # sent after the counter so a large reply can never deadlock the parent's wait
+                self.pipe.send(reply)
+            if closing:
+                return
+
+    # -- commands ------------------------------------------------------------------------
+    def step_group(self) -> tuple | None:
+        actions = self.plan.actions
+        observations = self.plan.observations
+        rewards, terminations, truncations = self.rewards, self.terminations, self.truncations
+        semaphore = self.semaphore
+        mode = self.autoreset_mode
+        infos = errors = pipe_obs = None
+        for j, env in enumerate(self.envs):
+            i = self.start + j
+            try:
+                if semaphore is not None:
+                    semaphore.acquire()
+                try:
+                    if mode is AutoresetMode.NEXT_STEP and self.autoreset[j]:
+                        obs, info = env.reset()
+                        reward, terminated, truncated = 0.0, False, False
+                    else:
+                        obs, reward, terminated, truncated, info = env.step(
+                            actions.read_slot(i))
+                        if mode is AutoresetMode.SAME_STEP and (terminated or truncated):
+                            final_obs, final_info = obs, info
+                            obs, reset_info = env.reset()
+                            info = {"final_info": final_info, "final_obs": final_obs,
+                                    **reset_info}
+                finally:
+                    if semaphore is not None:
+                        semaphore.release()
+                if mode is AutoresetMode.NEXT_STEP:
+                    self.autoreset[j] = bool(terminated or truncated)
+                if observations is not None:
+                    observations.write_slot(obs, i)
+                else:
+                    self.last_obs[j] = obs
+                    if pipe_obs is None:
+                        pipe_obs = []
+                    pipe_obs.append((i, obs))
+                rewards[i] = reward
+                terminations[i] = terminated
+                truncations[i] = truncated
+            except Exception as exc:
+                if errors is None:
+                    errors = []
+                errors.append((i, error_payload(exc)))
+                continue
+            if info:
+                if infos is None:
+                    infos = []
+                infos.append((i, info))
+        if infos is None and errors is None and pipe_obs is None:
+            return None
+        return (infos, errors, pipe_obs)
+
+    def reset_group(self, seeds: list, options: Any, mask: list[bool] | None) -> tuple:
+        infos, errors, pipe_obs = [], [], []
+        observations = self.plan.observations
+        for j, env in enumerate(self.envs):
+            i = self.start + j
+            if mask is not None and not mask[j]:
+                if observations is None:
+                    pipe_obs.append((i, self.last_obs[j]))
+                continue
+            try:
+                if self.semaphore is not None:
+                    self.semaphore.acquire()
+                try:
+                    obs, info = env.reset(seed=seeds[j], options=options)
+                finally:
+                    if self.semaphore is not None:
+                        self.semaphore.release()
+                self.autoreset[j] = False
+                if observations is not None:
+                    observations.write_slot(obs, i)
+                else:
+                    self.last_obs[j] = obs
+                    pipe_obs.append((i, obs))
+            except Exception as exc:
+                errors.append((i, error_payload(exc)))
+                continue
+            if info:
+                infos.append((i, info))
+        return (infos, errors, pipe_obs)
+
+    def per_env(self, fn) -> tuple:
+        results, errors = [], []
+        for j, env in enumerate(self.envs):
+            try:
+                results.append(fn(j, env))
+            except Exception as exc:
+                results.append(None)
+                errors.append((self.start + j, error_payload(exc)))
+        return (results, errors)
+
+    def handle(self, name: str, data: Any) -> tuple:
+        if name == "reset":
+            seeds, options, mask = data
+            return self.reset_group(seeds, options, mask)
+        if name == "call":
+            attr_name, args, kwargs = data
+
+            def call(j, env):
+                if attr_name in _FORBIDDEN_CALLS:
+                    raise ValueError(
+                        f"Trying to call function `{attr_name}` with `call`, use "
+                        f"`{attr_name}` directly instead."
+                    )
+                attr = env.get_wrapper_attr(attr_name)
+                return attr(*args, **kwargs) if callable(attr) else attr
+
+            return self.per_env(call)
+        if name == "setattr":
+            attr_name, values = data
+            return self.per_env(lambda j, env: env.set_wrapper_attr(attr_name, values[j]))
+        if name == "check_spaces":
+            mode, obs_space, action_space = data
+
+            def check(j, env):
+                same_obs = (obs_space == env.observation_space if mode == "same"
+                            else is_space_dtype_shape_equiv(obs_space, env.observation_space))
+                return (same_obs, action_space == env.action_space)
+
+            return self.per_env(check)
+        if name == "close":
+            return ([None] * len(self.envs), self.close_envs())
+        raise RuntimeError(f"Received unknown command `{name}`.")
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    # Before 3.13 attaching registers the name with the resource tracker the parent shares
+    # with its workers; the tracker keeps a set, so this repeat is harmless and the parent's
+    # single unlink still unregisters it.
+    return shared_memory.SharedMemory(name=name)
+
+
+def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
+                segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
+                semaphore, parent_pid: int) -> None:
+    """Entry point of a worker process (picklable for spawn and forkserver)."""
+    # Ctrl-C goes to the whole process group; the parent decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal()
+    if parent_pipe is not None:
+        parent_pipe.close()
+    worker = None
+    try:
+        worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_name,
+                        autoreset_mode, shared_memory_obs, semaphore, parent_pid)
+        worker.doorbells.store(worker.line + P.STATUS, P.STATUS_READY)
+        for j, fn in enumerate(worker.env_fns):
+            try:
+                worker.envs.append(fn())
+            except Exception as exc:
+                pipe.send(("init_error", (start + j, error_payload(exc))))
+                return
+        # read before announcing readiness: the parent may ring as soon as it hears us
+        seq = worker.doorbells.load(worker.line + P.CMD_SEQ)
+        pipe.send(("ready", None))
+        worker.run(seq)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        if worker is not None:
+            if worker.envs:
+                worker.close_envs()
+            worker.detach()
+        pipe.close()
