@@ -1,0 +1,63 @@
+/*
+ * fv_sync.h -- cross-process "doorbell" primitives for fastvec.
+ *
+ * Plain C11, no Python.  Every function operates on a naturally aligned
+ * 32-bit word that may live in a MAP_SHARED mapping used by several
+ * processes, so nothing here uses process-private futexes.
+ *
+ * These are mechanisms only: no policy about which word means what.
+ */
+#ifndef FV_SYNC_H
+#define FV_SYNC_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 1 when waits sleep in the kernel (Linux futex), 0 for the polling fallback. */
+#ifdef __linux__
+#define FV_HAVE_FUTEX 1
+#else
+#define FV_HAVE_FUTEX 0
+#endif
+
+/* Atomic load with acquire ordering. */
+uint32_t fv_load_acquire(const uint32_t *w);
+
+/* Atomic store with release ordering. */
+void fv_store_release(uint32_t *w, uint32_t v);
+
+/* Atomic *w += delta (modulo 2**32), acq_rel ordering; returns the NEW value. */
+uint32_t fv_add_fetch(uint32_t *w, int32_t delta);
+
+/*
+ * Block while *w == expected.
+ *
+ *   returns  1  as soon as *w != expected (observed with acquire ordering),
+ *            0  if timeout_ns elapsed first (timeout_ns < 0: wait forever),
+ *           -1  if a signal interrupted the sleep (EINTR), so the caller can
+ *               run its signal handlers and call again with the remaining time.
+ *
+ * Spins (with a CPU relax hint) for up to spin_ns first, then sleeps.
+ * Safe to call without any lock held; it never touches Python state.
+ */
+int fv_wait_while_equal(uint32_t *w, uint32_t expected,
+                        int64_t timeout_ns, int64_t spin_ns);
+
+/*
+ * Wake up to n waiters blocked on w (INT32_MAX: all of them).
+ * Returns the number woken, or -1 with errno set.  Without futexes this is
+ * a no-op returning 0 (waiters poll).
+ */
+int fv_wake(uint32_t *w, int n);
+
+/* CLOCK_MONOTONIC in nanoseconds (the clock used for wait deadlines). */
+int64_t fv_monotonic_ns(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FV_SYNC_H */
