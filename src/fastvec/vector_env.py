@@ -51,13 +51,26 @@ class AsyncState(Enum):
     WAITING_CALL = "call"
 
 
-def default_num_workers(num_envs: int) -> int:
-    """The usable cores (``os.sched_getaffinity``), never more than ``num_envs``."""
+def usable_cores() -> int:
+    """Cores this process may run on (``os.sched_getaffinity`` where it exists)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, num_envs))
+        return os.cpu_count() or 1
+
+
+def default_num_workers(num_envs: int) -> int:
+    """The usable cores, never more than ``num_envs``."""
+    return max(1, min(usable_cores(), num_envs))
+
+
+def default_spin(num_workers: int) -> float:
+    """Seconds a waiter busy-waits before it sleeps on the futex.
+
+    Spinning only pays when a core is free: with a worker per core, a spinning parent or
+    worker takes the very core that the process it is waiting for needs.
+    """
+    return 20e-6 if num_workers < usable_cores() else 0.0
 
 
 def split_groups(num_envs: int, num_workers: int) -> list[range]:
@@ -241,6 +254,7 @@ class AsyncVectorEnv(VectorEnv):
                 f"got {num_workers!r}."
             )
         self.num_workers = int(num_workers)
+        self._spin = default_spin(self.num_workers)
 
         dummy_env = env_fns[0]()
         try:
@@ -327,7 +341,7 @@ class AsyncVectorEnv(VectorEnv):
                         name=f"Worker<{type(self).__name__}>-{w}",
                         args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
                               res.shm.name, self.autoreset_mode, self.shared_memory,
-                              semaphore, os.getpid()),
+                              semaphore, os.getpid(), self._spin),
                         daemon=self.daemon,
                     )
                     res.pipes.append(parent_pipe)
@@ -387,7 +401,7 @@ class AsyncVectorEnv(VectorEnv):
                         f"The call to `{name}_wait` has timed out after {timeout} second(s)."
                     )
                 wait = min(wait, remaining)
-            if not doorbells.wait_while_equal(pending, value, wait):
+            if not doorbells.wait_while_equal(pending, value, wait, self._spin):
                 self._check_workers()
         replies = [None] * self.num_workers
         for w in range(self.num_workers):

@@ -59,8 +59,9 @@ def error_payload(exc: BaseException) -> tuple[Any, ...]:
 class Worker:
     def __init__(self, index: int, start: int, env_fns: list, pipe, plan: P.SegmentPlan,
                  segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                 semaphore, parent_pid: int) -> None:
+                 semaphore, parent_pid: int, spin: float) -> None:
         self.index = index
+        self.spin = spin
         self.start = start
         self.pipe = pipe
         self.plan = plan
@@ -114,7 +115,7 @@ class Worker:
         doorbells = self.doorbells
         seq_offset = self.line + P.CMD_SEQ
         while True:
-            if not doorbells.wait_while_equal(seq_offset, seq, P.WAIT_SLICE * 10):
+            if not doorbells.wait_while_equal(seq_offset, seq, P.WAIT_SLICE * 10, self.spin):
                 if not self.parent_alive():
                     return
                 continue
@@ -274,7 +275,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
                 segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                semaphore, parent_pid: int) -> None:
+                semaphore, parent_pid: int, spin: float) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver)."""
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -284,7 +285,7 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
     worker = None
     try:
         worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_name,
-                        autoreset_mode, shared_memory_obs, semaphore, parent_pid)
+                        autoreset_mode, shared_memory_obs, semaphore, parent_pid, spin)
         worker.doorbells.store(worker.line + P.STATUS, P.STATUS_READY)
         for j, fn in enumerate(worker.env_fns):
             try:
