@@ -79,9 +79,13 @@ class SegmentPlan:
             raise RuntimeError("the shared-memory segment does not match this vector env's layout")
 
     def result_arrays(self, buffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rewards, terminations and truncations over the segment.
+
+        ``np.frombuffer`` holds a buffer export, so the segment cannot be unmapped under them.
+        """
         n = self.num_envs
         return (
-            np.ndarray((n,), np.float64, buffer=buffer, offset=self.rewards),
-            np.ndarray((n,), np.bool_, buffer=buffer, offset=self.terminations),
-            np.ndarray((n,), np.bool_, buffer=buffer, offset=self.truncations),
+            np.frombuffer(buffer, np.float64, count=n, offset=self.rewards),
+            np.frombuffer(buffer, np.bool_, count=n, offset=self.terminations),
+            np.frombuffer(buffer, np.bool_, count=n, offset=self.truncations),
         )
