@@ -41,6 +41,7 @@ class SegmentPlan:
 
     def __init__(self, num_envs: int, num_workers: int, action_space: spaces.Space,
                  observation_space: spaces.Space | None, check_obs_range: bool = True) -> None:
+        self._args = (num_envs, num_workers, action_space, observation_space, check_obs_range)
         self.num_envs = num_envs
         self.num_workers = num_workers
         control = LINE * (2 + num_workers)
@@ -59,6 +60,10 @@ class SegmentPlan:
         self.truncations = cursor
         cursor += align(num_envs)
         self.nbytes = cursor
+
+    def __reduce__(self):
+        # compiled nodes do not pickle: a spawned worker rebuilds the same plan from the spaces
+        return (SegmentPlan, self._args)
 
     def worker_line(self, worker: int) -> int:
         return LINE * (1 + worker)

@@ -287,12 +287,13 @@ class AsyncVectorEnv(VectorEnv):
             dummy_env.close()
             del dummy_env
 
+        # Workers rebuild the plan from these arguments: a bound plan (its Cython nodes)
+        # cannot be pickled for spawn and forkserver.
+        self._plan_args = (self.num_envs, self.num_workers, self.single_action_space,
+                           self.single_observation_space if shared_memory else None,
+                           observation_mode == "same")
         try:
-            plan = P.SegmentPlan(
-                self.num_envs, self.num_workers, self.single_action_space,
-                self.single_observation_space if shared_memory else None,
-                check_obs_range=observation_mode == "same",
-            )
+            plan = P.SegmentPlan(*self._plan_args)
         except CustomSpaceError as exc:
             raise ValueError(
                 "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable "
@@ -339,15 +340,17 @@ class AsyncVectorEnv(VectorEnv):
                     process = ctx.Process(
                         target=worker_main,
                         name=f"Worker<{type(self).__name__}>-{w}",
-                        args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
+                        args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan_args,
                               res.shm.name, self.autoreset_mode, self.shared_memory,
                               semaphore, os.getpid(), self._spin),
                         daemon=self.daemon,
                     )
                     res.pipes.append(parent_pipe)
-                    res.processes.append(process)
-                    process.start()
-                    child_pipe.close()
+                    try:
+                        process.start()
+                    finally:
+                        child_pipe.close()
+                    res.processes.append(process)  # only started processes can be joined
             errors = []
             for w in range(self.num_workers):
                 kind, data = self._recv(w)
@@ -462,7 +465,7 @@ class AsyncVectorEnv(VectorEnv):
         for index, payload in errors:
             blob, type_blob, type_name, message, trace = payload
             logger.error(f"Received the following error from Worker-{index}")
-            logger.error(trace)
+            logger.error("%s", trace)  # a trace may hold "%": never format it
             exception = _rebuild_exception(blob, type_blob, type_name, message, trace)
         logger.error("Raising the last exception back to the main process.")
         raise exception
@@ -754,6 +757,14 @@ class AsyncVectorEnv(VectorEnv):
             res.terminate_workers()
         self._state = AsyncState.DEFAULT
         res.shutdown()
+
+    def __enter__(self) -> AsyncVectorEnv:
+        """Support the with-statement: the env is closed when the block ends."""
+        return self
+
+    def __exit__(self, *args: Any) -> bool:
+        self.close()
+        return False
 
     def __del__(self) -> None:
         if not getattr(self, "closed", True) and hasattr(self, "_state"):

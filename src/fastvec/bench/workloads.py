@@ -1,0 +1,205 @@
+"""Benchmark workloads: the environments ``python -m fastvec.bench`` steps.
+
+The env classes live in this importable module (not in ``__main__``) so that workers started
+with ``spawn`` or ``forkserver`` can unpickle them. Every env factory is a
+``functools.partial`` over a module-level callable, so it pickles by reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+__all__ = [
+    "WORKLOADS",
+    "ComputeEnv",
+    "DictEnv",
+    "ImageEnv",
+    "Workload",
+    "calibrate_compute",
+]
+
+#: Episodes of the no-work and compute envs are truncated after this many steps, so the
+#: benchmark also exercises autoreset now and then.
+EPISODE_STEPS = 1000
+
+
+class _FixedObsEnv(gym.Env):
+    """Does no work: every step returns the same preallocated observation object."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self) -> None:
+        self.action_space = spaces.Discrete(4)
+        self._obs = self._make_obs()
+        self._t = 0
+
+    def _make_obs(self) -> Any:
+        raise NotImplementedError
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._t = 0
+        return self._obs, {}
+
+    def step(self, action):
+        self._t += 1
+        return self._obs, 0.0, False, self._t >= EPISODE_STEPS, {}
+
+
+class ImageEnv(_FixedObsEnv):
+    """Atari-shaped frames: ``Box(0, 255, (84, 84, 4), uint8)``, ``Discrete(4)`` actions."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Box(0, 255, (84, 84, 4), np.uint8)
+        super().__init__()
+
+    def _make_obs(self) -> np.ndarray:
+        return np.arange(84 * 84 * 4, dtype=np.uint8).reshape(84, 84, 4)
+
+
+class DictEnv(_FixedObsEnv):
+    """A nested observation: ``Dict(image uint8 (64,64,3), vector float32 (32,), id Discrete(5))``."""
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Dict({
+            "image": spaces.Box(0, 255, (64, 64, 3), np.uint8),
+            "vector": spaces.Box(-1.0, 1.0, (32,), np.float32),
+            "id": spaces.Discrete(5),
+        })
+        super().__init__()
+
+    def _make_obs(self) -> dict[str, Any]:
+        return {
+            "image": np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3),
+            "vector": np.linspace(-1.0, 1.0, 32, dtype=np.float32),
+            "id": np.int64(2),
+        }
+
+
+# -- compute ---------------------------------------------------------------------------------
+
+#: Target cost of one ComputeEnv step, in seconds.
+COMPUTE_STEP_SECONDS = 300e-6
+_SIZE = 64
+_calibrated: int | None = None
+
+
+def _compute_matrix() -> np.ndarray:
+    return np.random.default_rng(0).uniform(-2.0, 2.0, (_SIZE, _SIZE))
+
+
+def _work(state: np.ndarray, scratch: np.ndarray, matrix: np.ndarray, iters: int) -> None:
+    """``iters`` rounds of ``state = 0.5 * state + sin(matrix * state)`` over 64x64 float64.
+
+    Element-wise ufuncs on purpose: they run on the calling thread only, whereas a 64x64
+    BLAS matmul may wake OpenBLAS helper threads, which would compete with the workers for
+    the cores and blur the comparison. The recurrence stays bounded (|state| <= 2) and is
+    deterministic.
+    """
+    for _ in range(iters):
+        np.multiply(matrix, state, out=scratch)
+        np.sin(scratch, out=scratch)
+        np.multiply(state, 0.5, out=state)
+        np.add(state, scratch, out=state)
+
+
+def calibrate_compute(target: float = COMPUTE_STEP_SECONDS) -> int:
+    """Rounds of work per step so that one ComputeEnv step costs about ``target`` seconds.
+
+    Measured once per process (the median of several short trials, so the work matches
+    what this machine delivers now, neighbours included) and cached. The benchmark
+    calibrates in the parent and passes the result to every env, so all processes do
+    exactly the same work.
+    """
+    global _calibrated
+    if _calibrated is not None and target == COMPUTE_STEP_SECONDS:
+        return _calibrated
+    state = np.full((_SIZE, _SIZE), 0.1)
+    scratch = np.empty_like(state)
+    matrix = _compute_matrix()
+    probe = 50
+    _work(state, scratch, matrix, probe)  # warm up
+    trials = []
+    for _ in range(9):
+        start = time.perf_counter()
+        _work(state, scratch, matrix, probe)
+        trials.append(time.perf_counter() - start)
+    per_round = statistics.median(trials) / probe
+    iters = max(1, round(target / per_round))
+    if target == COMPUTE_STEP_SECONDS:
+        _calibrated = iters
+    return iters
+
+
+class ComputeEnv(gym.Env):
+    """About 300 µs of deterministic numpy work per step; ``Box(8,)`` float32 observations."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, iters: int | None = None) -> None:
+        self.iters = calibrate_compute() if iters is None else int(iters)
+        self.observation_space = spaces.Box(-np.inf, np.inf, (8,), np.float32)
+        self.action_space = spaces.Discrete(4)
+        self._matrix = _compute_matrix()
+        self._state = np.empty((_SIZE, _SIZE))
+        self._scratch = np.empty_like(self._state)
+        self._obs = np.empty(8, np.float32)
+        self._t = 0
+
+    def _observe(self) -> np.ndarray:
+        np.copyto(self._obs, self._state.reshape(-1)[:8], casting="same_kind")
+        return self._obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._state.fill(0.1)
+        self._t = 0
+        return self._observe(), {}
+
+    def step(self, action):
+        self._state[0, 0] += 1e-3 * int(action)
+        _work(self._state, self._scratch, self._matrix, self.iters)
+        self._t += 1
+        reward = float(self._state[0, 1])
+        return self._observe(), reward, False, self._t >= EPISODE_STEPS, {}
+
+
+# -- registry --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    default_num_envs: int
+    description: str
+    #: Builds a picklable zero-argument env factory (called once, in the parent).
+    factory: Callable[[], Callable[[], gym.Env]]
+    #: Also measure free-running processes with no IPC (the "ceiling").
+    ceiling: bool = False
+
+
+def _compute_factory() -> Callable[[], gym.Env]:
+    return functools.partial(ComputeEnv, iters=calibrate_compute())
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("image", 32, "no-work env, fixed uint8 (84,84,4) frame, Discrete(4)",
+                 lambda: ImageEnv),
+        Workload("cartpole", 32, 'gymnasium.make("CartPole-v1")',
+                 lambda: functools.partial(gym.make, "CartPole-v1")),
+        Workload("dict", 32, "no-work env, Dict{image (64,64,3) uint8, vector (32,) f32, id}",
+                 lambda: DictEnv),
+        Workload("compute", 8, "~300 us of numpy work per step, Box(8,) float32",
+                 _compute_factory, ceiling=True),
+    )
+}
