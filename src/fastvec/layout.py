@@ -159,8 +159,12 @@ def _bind(node: Node, buffer: Any, n: int) -> None:
         for child in node.children:
             _bind(child, buffer, n)
         return
-    node.batch_view = np.ndarray((n, *node.shape), dtype=node.dtype, buffer=buffer,
-                                 offset=node.offset)
+    # np.frombuffer, not np.ndarray(buffer=...): numpy 2 keeps no buffer export for the
+    # latter, so the segment could be unmapped under a live view (a segfault on next access);
+    # with an export, closing the segment raises BufferError while any view is alive.
+    count = n * int(np.prod(node.shape, dtype=np.int64))
+    node.batch_view = np.frombuffer(buffer, dtype=node.dtype, count=count,
+                                    offset=node.offset).reshape((n, *node.shape))
     for child in node.children:
         _bind(child, buffer, n)
 
