@@ -287,13 +287,12 @@ class AsyncVectorEnv(VectorEnv):
             dummy_env.close()
             del dummy_env
 
-        # Workers rebuild the plan from these arguments: a bound plan (its Cython nodes)
-        # cannot be pickled for spawn and forkserver.
-        self._plan_args = (self.num_envs, self.num_workers, self.single_action_space,
-                           self.single_observation_space if shared_memory else None,
-                           observation_mode == "same")
         try:
-            plan = P.SegmentPlan(*self._plan_args)
+            plan = P.SegmentPlan(
+                self.num_envs, self.num_workers, self.single_action_space,
+                self.single_observation_space if shared_memory else None,
+                check_obs_range=observation_mode == "same",
+            )
         except CustomSpaceError as exc:
             raise ValueError(
                 "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable "
@@ -311,7 +310,12 @@ class AsyncVectorEnv(VectorEnv):
 
         self._start(plan)
         weakref.finalize(self, _finalize, self._resources)
-        self._check_spaces()
+        try:
+            self._check_spaces()
+        except BaseException:
+            # the caller never gets the env: free the workers and the segment now
+            self.close(terminate=True)
+            raise
 
     # -- construction ----------------------------------------------------------------------
     def _start(self, plan: P.SegmentPlan) -> None:
@@ -340,7 +344,7 @@ class AsyncVectorEnv(VectorEnv):
                     process = ctx.Process(
                         target=worker_main,
                         name=f"Worker<{type(self).__name__}>-{w}",
-                        args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan_args,
+                        args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
                               res.shm.name, self.autoreset_mode, self.shared_memory,
                               semaphore, os.getpid(), self._spin),
                         daemon=self.daemon,

@@ -69,6 +69,8 @@ class Worker:
         self.shared_memory_obs = shared_memory_obs
         self.semaphore = semaphore
         self.parent_pid = parent_pid
+        # Under forkserver our parent process is the server, not the vector env's process.
+        self.start_ppid = os.getppid()
         self.line = plan.worker_line(index)
         self.pending = plan.parent_line + P.PENDING
 
@@ -107,7 +109,17 @@ class Worker:
         return errors
 
     def parent_alive(self) -> bool:
-        return os.getppid() == self.parent_pid
+        if os.getppid() != self.start_ppid:  # reparented: our parent (or the server) died
+            return False
+        if self.start_ppid == self.parent_pid:
+            return True
+        try:  # forkserver: the vector env's process is not our parent
+            os.kill(self.parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, seq: int) -> None:

@@ -1,0 +1,188 @@
+"""Small deterministic test environments for the vector-env tests.
+
+They live in a module (not in test functions) so that spawn and forkserver workers can import
+them: ``pythonpath = ["tests"]`` makes ``import envs`` work in the test process and in every
+worker. Build env functions with :func:`functools.partial` (picklable by reference).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+def _action_code(space: spaces.Space, action: Any) -> float:
+    """A number that depends on every part of ``action`` (so a misdelivered action shows)."""
+    flat = np.asarray(spaces.flatten(space, action), dtype=np.float64).ravel()
+    return float(np.dot(flat, np.arange(1, flat.size + 1)))
+
+
+class SpaceEnv(gym.Env):
+    """Observations sampled from ``obs_space`` with a generator seeded from the env's rng.
+
+    Parameters
+    ----------
+    obs_space, action_space
+        The single spaces (deep-copied: every env owns and seeds its own).
+    episode_len
+        ``(low, high)``: on each reset the episode length is drawn from this range and
+        ``index`` is added, so envs end at different steps. The episode terminates when the
+        length is even and truncates when it is odd.
+    info_every
+        Step infos are returned only on steps divisible by ``info_every + index % 3``; they
+        hold scalars, numpy arrays and a nested dict. Reset infos only on some resets.
+    index
+        The env's index in the batch (changes episode lengths and info steps).
+    delay
+        Seconds to sleep in every ``step`` (for timeout and concurrency tests).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, obs_space: spaces.Space, action_space: spaces.Space | None = None,
+                 episode_len: tuple[int, int] = (3, 9), info_every: int = 3, index: int = 0,
+                 delay: float = 0.0, render_mode: str | None = None) -> None:
+        self.observation_space = copy.deepcopy(obs_space)
+        self.action_space = copy.deepcopy(action_space if action_space is not None
+                                          else spaces.Discrete(4))
+        self.episode_len = episode_len
+        self.info_every = info_every
+        self.index = index
+        self.delay = delay
+        self.render_mode = render_mode
+        self.t = 0
+        self.length = 0
+        self.episodes = 0
+        self.custom_attr = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.observation_space.seed(int(self.np_random.integers(2**31)))
+        low, high = self.episode_len
+        self.length = int(self.np_random.integers(low, high + 1)) + self.index
+        self.t = 0
+        self.episodes += 1
+        info: dict[str, Any] = {}
+        if self.episodes % 2 == 0:
+            info["episode"] = self.episodes
+            info["reset_arr"] = np.full((2,), self.index, dtype=np.int16)
+        if options and "tag" in options:
+            info["tag"] = options["tag"]
+        return self.observation_space.sample(), info
+
+    def step(self, action):
+        if self.delay:
+            time.sleep(self.delay)
+        # a batched Box of shape () iterates into numpy scalars, which Box.contains warns about
+        checked = np.asarray(action) if isinstance(self.action_space, spaces.Box) else action
+        assert self.action_space.contains(checked), f"bad action {action!r}"
+        self.t += 1
+        reward = _action_code(self.action_space, action) + 0.25 * self.t
+        reward += float(self.np_random.random())
+        done = self.t >= self.length
+        terminated = done and self.length % 2 == 0
+        truncated = done and not terminated
+        info: dict[str, Any] = {}
+        if self.t % (self.info_every + self.index % 3) == 0:
+            info = {
+                "t": self.t,
+                "value": reward / 2,
+                "arr": np.arange(3, dtype=np.float32) * self.t,
+                "nested": {"even": self.t % 2 == 0, "deep": {"idx": self.index,
+                                                              "vec": np.ones(2) * self.t}},
+            }
+        return self.observation_space.sample(), reward, terminated, truncated, info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return np.full((4, 5, 3), (self.t * 10 + self.index) % 256, dtype=np.uint8)
+
+    def scaled(self, factor: float, offset: float = 0.0) -> float:
+        return self.index * factor + offset
+
+    def slow(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return self.index
+
+
+class FailError(RuntimeError):
+    """A picklable error raised by :class:`FailingEnv`."""
+
+
+class LockError(Exception):
+    """An exception that cannot be pickled (it holds a lock) but whose type can."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def _local_error_type() -> type[Exception]:
+    class LocalError(Exception):  # neither it nor its instances pickle
+        pass
+
+    return LocalError
+
+
+class FailingEnv(gym.Env):
+    """Fails ``step`` (or ``reset``) at ``fail_at`` steps for the envs in ``failing``.
+
+    ``kind`` picks the raised error: ``"fail"`` (:class:`FailError`), ``"lock"``
+    (:class:`LockError`), ``"local"`` (a local class: nothing about it pickles), ``"percent"``
+    (a message with ``%`` format characters).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, index: int = 0, failing: tuple[int, ...] = (), fail_at: int = 2,
+                 kind: str = "fail", fail_reset: bool = False) -> None:
+        self.observation_space = spaces.Box(-10, 10, (2,), np.float32)
+        self.action_space = spaces.Discrete(3)
+        self.index = index
+        self.failing = failing
+        self.fail_at = fail_at
+        self.kind = kind
+        self.fail_reset = fail_reset
+        self.t = 0
+
+    def _maybe_fail(self) -> None:
+        if self.index not in self.failing:
+            return
+        message = f"env {self.index} failed at t={self.t}"
+        if self.kind == "fail":
+            raise FailError(message)
+        if self.kind == "lock":
+            raise LockError(message)
+        if self.kind == "local":
+            raise _local_error_type()(message)
+        if self.kind == "percent":
+            raise FailError(message + " (100% of %d %s)")
+        raise AssertionError(self.kind)
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.index, self.t], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        if self.fail_reset:
+            self._maybe_fail()
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == self.fail_at:
+            self._maybe_fail()
+        return self._obs(), float(action), False, False, {}
+
+
+def broken_env() -> gym.Env:
+    """An env function that fails (in the worker that calls it)."""
+    raise FailError("cannot build this env")
