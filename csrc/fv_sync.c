@@ -17,6 +17,12 @@
 #include <errno.h>
 #include <stdint.h>
 #include <time.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sched.h>
+#define fv_yield() sched_yield()
+#else
+#define fv_yield() ((void)0)
+#endif
 
 #ifdef __linux__
 #include <linux/futex.h>
@@ -102,22 +108,27 @@ int64_t fv_monotonic_ns(void)
 /* Spin until *w changes or the clock reaches spin_end.
  * Returns 1 if the word changed; otherwise 0 and *now is the last clock read. */
 static int fv_spin(const uint32_t *w, uint32_t expected, int64_t spin_end,
-                   int64_t *now)
+                   int64_t *now, int yield_cpu)
 {
     for (;;) {
-        for (int i = 0; i < FV_SPIN_BATCH; i++) {
+        if (yield_cpu) {
+            /* Hand the core to any runnable process (maybe the one we wait for). */
             if (fv_load_acquire(w) != expected)
                 return 1;
-            fv_cpu_relax();
+            fv_yield();
+        } else {
+            for (int i = 0; i < FV_SPIN_BATCH; i++) {
+                if (fv_load_acquire(w) != expected)
+                    return 1;
+                fv_cpu_relax();
+            }
         }
         *now = fv_monotonic_ns();
         if (*now >= spin_end)
-            return 0;
+            return fv_load_acquire(w) != expected;
     }
 }
 
-/* Portable sleeping loop: nanosleep with exponential backoff, capped at
- * ~1 ms and at the deadline (deadline < 0: none). */
 static int fv_poll_wait(const uint32_t *w, uint32_t expected, int64_t deadline)
 {
     int64_t nap = 1000; /* 1 us */
@@ -147,7 +158,7 @@ static int fv_poll_wait(const uint32_t *w, uint32_t expected, int64_t deadline)
 /* ------------------------------------------------------------------ */
 
 int fv_wait_while_equal(uint32_t *w, uint32_t expected,
-                        int64_t timeout_ns, int64_t spin_ns)
+                        int64_t timeout_ns, int64_t spin_ns, int yield_cpu)
 {
     if (fv_load_acquire(w) != expected)
         return 1;
@@ -164,7 +175,7 @@ int fv_wait_while_equal(uint32_t *w, uint32_t expected,
         int64_t spin_end = (spin_ns > INT64_MAX - now) ? INT64_MAX : now + spin_ns;
         if (deadline >= 0 && spin_end > deadline)
             spin_end = deadline;
-        if (fv_spin(w, expected, spin_end, &now))
+        if (fv_spin(w, expected, spin_end, &now, yield_cpu))
             return 1;
         if (deadline >= 0 && now >= deadline)
             return 0;

@@ -40,11 +40,13 @@ uint32_t fv_add_fetch(uint32_t *w, int32_t delta);
  *           -1  if a signal interrupted the sleep (EINTR), so the caller can
  *               run its signal handlers and call again with the remaining time.
  *
- * Spins (with a CPU relax hint) for up to spin_ns first, then sleeps.
+ * Spins for up to spin_ns first, then sleeps. The spin uses a CPU relax hint, or, with
+ * yield_cpu, sched_yield() between checks so that a process waiting on a busy core hands
+ * that core to whoever is runnable there (often the very process it waits for).
  * Safe to call without any lock held; it never touches Python state.
  */
 int fv_wait_while_equal(uint32_t *w, uint32_t expected,
-                        int64_t timeout_ns, int64_t spin_ns);
+                        int64_t timeout_ns, int64_t spin_ns, int yield_cpu);
 
 /*
  * Wake up to n waiters blocked on w (INT32_MAX: all of them).

@@ -434,3 +434,37 @@ def test_sigint_interrupts_wait(method: str, shm: SharedMemory, bells: Doorbells
     finally:
         code = _finish(proc)
     assert code == EXIT_INTERRUPTED
+
+
+def _change_later(name: str, offset: int, delay: float) -> None:
+    shm = SharedMemory(name=name)
+    try:
+        time.sleep(delay)
+        with Doorbells(shm.buf) as bells:
+            bells.store(offset, 7)
+            bells.wake(offset)
+    finally:
+        shm.close()
+
+
+@pytest.mark.parametrize("context", ["fork"])
+def test_yield_spin_sees_a_change_from_another_process(context):
+    shm = SharedMemory(create=True, size=64, name=f"fastvec_test_{secrets.token_hex(6)}")
+    try:
+        with Doorbells(shm.buf) as bells:
+            bells.store(0, 0)
+            child = mp.get_context(context).Process(target=_change_later, args=(shm.name, 0, 0.02))
+            child.start()
+            try:
+                # the whole wait is a yield-spin (spin > delay): it must still see the store
+                assert bells.wait_while_equal(0, 0, timeout=5.0, spin=2.0, yield_cpu=True) == 1
+                assert bells.load(0) == 7
+            finally:
+                child.join(5)
+            assert child.exitcode == 0
+            start = time.monotonic()
+            assert bells.wait_while_equal(0, 7, timeout=0.2, spin=0.1, yield_cpu=True) == 0
+            assert abs(time.monotonic() - start - 0.2) < 0.05
+    finally:
+        shm.close()
+        shm.unlink()

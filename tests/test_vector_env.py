@@ -927,3 +927,55 @@ def test_copy_false_views_are_overwritten(shared_memory):
         envs.close()
     # views still held at close stay readable (the mapping lives as long as they do)
     assert np.isfinite(first["x"]).all()
+
+
+# -- copy=True hands out recycled segment slots, never one that is still referenced -------------
+def _in_segment(array: np.ndarray) -> bool:
+    return not array.flags.owndata and isinstance(array.base, memoryview)
+
+
+def test_copy_true_recycles_slots_only_when_unreferenced():
+    fns = [functools.partial(test_envs.SpaceEnv, ARRAY_SPACE, index=i) for i in range(3)]
+    with fastvec.AsyncVectorEnv(fns, copy=True, num_workers=2) as envs:
+        envs.reset(seed=0)
+        first = envs.step(envs.action_space.sample())[0]
+        second = envs.step(envs.action_space.sample())[0]
+        assert _in_segment(first["x"]) and _in_segment(second["x"])
+        assert not np.shares_memory(first["x"], second["x"])
+        kept = copy_module.deepcopy((first, second))
+        # both recycled slots are held: the next results are copies out of the scratch slot
+        third = envs.step(envs.action_space.sample())[0]
+        assert third["x"].flags.owndata
+        assert_same(kept, (first, second), "held slots")
+        # a slice of a result holds its slot too (numpy collapses view bases onto the root)
+        row = first["x"][1]
+        row_before = row.copy()
+        del first, third
+        for _ in range(5):
+            fourth = envs.step(envs.action_space.sample())[0]
+            assert fourth["x"].flags.owndata  # slot 0 (row) and slot 1 (second) still held
+        np.testing.assert_array_equal(row, row_before)
+        del row, second, fourth
+        fifth = envs.step(envs.action_space.sample())[0]
+        assert _in_segment(fifth["x"])
+
+
+def test_reset_mask_keeps_observations_across_slots():
+    fns = [functools.partial(test_envs.SpaceEnv, ARRAY_SPACE, index=i, episode_len=(50, 60))
+           for i in range(4)]
+    ref = SyncVectorEnv(fns, autoreset_mode=DISABLED)
+    with fastvec.AsyncVectorEnv(fns, copy=True, num_workers=2,
+                                autoreset_mode=DISABLED) as envs, contextlib.closing(ref):
+        envs.reset(seed=3)
+        ref.reset(seed=3)
+        envs.action_space.seed(1)
+        for _ in range(4):
+            actions = envs.action_space.sample()
+            held = envs.step(actions)[0]  # held while resetting: the reset goes to another slot
+            ref.step(actions)
+        mask = np.array([True, False, True, False])
+        obs, _ = envs.reset(seed=5, options={"reset_mask": mask})
+        expected, _ = ref.reset(seed=5, options={"reset_mask": mask})
+        assert data_equivalence(obs, expected, exact=True)
+        for leaf, before in zip(_array_leaves(obs), _array_leaves(held)):
+            np.testing.assert_array_equal(leaf[~mask], before[~mask])

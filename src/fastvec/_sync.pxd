@@ -11,7 +11,7 @@ cdef extern from "fv_sync.h" nogil:
     void fv_store_release(uint32_t *w, uint32_t v)
     uint32_t fv_add_fetch(uint32_t *w, int32_t delta)
     int fv_wait_while_equal(uint32_t *w, uint32_t expected,
-                            int64_t timeout_ns, int64_t spin_ns)
+                            int64_t timeout_ns, int64_t spin_ns, int yield_cpu)
     int fv_wake(uint32_t *w, int n)
     int64_t fv_monotonic_ns()
 
@@ -30,5 +30,6 @@ cdef class Doorbells:
     cpdef uint32_t add(self, Py_ssize_t offset, int32_t delta) except? 0xFFFFFFFF
     cpdef int wake(self, Py_ssize_t offset, int count=*) except -1
     cpdef int wait_while_equal(self, Py_ssize_t offset, uint32_t expected,
-                               double timeout=*, double spin=*) except -1
+                               double timeout=*, double spin=*,
+                               bint yield_cpu=*) except -1
     cpdef void release(self) except *

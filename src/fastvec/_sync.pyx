@@ -111,11 +111,14 @@ cdef class Doorbells:
         return n
 
     cpdef int wait_while_equal(self, Py_ssize_t offset, uint32_t expected,
-                               double timeout=-1.0, double spin=20e-6) except -1:
+                               double timeout=-1.0, double spin=20e-6,
+                               bint yield_cpu=False) except -1:
         """Block while the word equals ``expected``; the GIL is released.
 
         ``timeout`` in seconds (< 0: forever), ``spin`` seconds of busy-wait
-        before sleeping.  Returns 1 if the word changed, 0 on timeout.
+        before sleeping; with ``yield_cpu`` the busy-wait calls sched_yield()
+        between checks, handing the core to any runnable process.
+        Returns 1 if the word changed, 0 on timeout.
         Signals are handled while waiting (e.g. KeyboardInterrupt propagates).
         """
         cdef uint32_t *w = self._word(offset)
@@ -138,7 +141,7 @@ cdef class Doorbells:
         try:
             while True:
                 with nogil:
-                    rc = fv_wait_while_equal(w, expected, timeout_ns, spin_ns)
+                    rc = fv_wait_while_equal(w, expected, timeout_ns, spin_ns, yield_cpu)
                 if rc != -1:
                     return rc
                 # EINTR: run Python signal handlers (may raise), then resume.

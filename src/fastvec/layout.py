@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+import sys
 from typing import Any
 
 import numpy as np
@@ -162,11 +163,23 @@ def _bind(node: Node, buffer: Any, n: int) -> None:
     # np.frombuffer, not np.ndarray(buffer=...): numpy 2 keeps no buffer export for the
     # latter, so the segment could be unmapped under a live view (a segfault on next access);
     # with an export, closing the segment raises BufferError while any view is alive.
-    count = n * int(np.prod(node.shape, dtype=np.int64))
-    node.batch_view = np.frombuffer(buffer, dtype=node.dtype, count=count,
-                                    offset=node.offset).reshape((n, *node.shape))
+    # A sub-array dtype gives the (n, *shape) array directly, so it is the root of every view
+    # taken from it (numpy collapses view bases onto it) and its refcount says if it is in use.
+    dtype = np.dtype((node.dtype, node.shape)) if node.shape else node.dtype
+    node.batch_view = np.frombuffer(buffer, dtype=dtype, count=n, offset=node.offset)
     for child in node.children:
         _bind(child, buffer, n)
+
+
+def _leaf_nodes(node: Node) -> list[Node]:
+    nodes = [] if node.kind in (_KIND["tuple"], _KIND["dict"]) else [node]
+    for child in node.children:
+        nodes.extend(_leaf_nodes(child))
+    return nodes
+
+
+def _refcounts(nodes: list[Node]) -> list[int]:
+    return [sys.getrefcount(node.batch_view) for node in nodes]
 
 
 def _unbind(node: Node) -> None:
@@ -208,6 +221,8 @@ class Layout:
         self.offset = base_offset
         self.nbytes = builder.cursor - base_offset
         self._segment: Segment | None = None
+        self._bound: list[Node] = []
+        self._baseline: list[int] = []
 
     def __repr__(self) -> str:
         return f"Layout({self.space}, n={self.n}, leaves={len(self.leaves)}, nbytes={self.nbytes})"
@@ -222,11 +237,24 @@ class Layout:
             )
         _bind(self.root, buffer, self.n)
         self._segment = segment
+        self._bound = _leaf_nodes(self.root)
+        self._baseline = _refcounts(self._bound)
 
     def unbind(self) -> None:
         """Drop every view into the segment so that it can be closed."""
         _unbind(self.root)
         self._segment = None
+        self._bound = []
+        self._baseline = []
+
+    def in_use(self) -> bool:
+        """Whether anyone but the layout still refers to a leaf array or a view of one."""
+        return _refcounts(self._bound) != self._baseline
+
+    def copy_rows(self, source: Layout, rows: np.ndarray) -> None:
+        """Copy the ``rows`` (env indices or a mask) of every leaf from ``source``."""
+        for mine, theirs in zip(self._bound, source._bound):
+            mine.batch_view[rows] = theirs.batch_view[rows]
 
     @property
     def segment(self) -> Segment:

@@ -42,6 +42,10 @@ from fastvec.worker import worker_main
 __all__ = ["AsyncVectorEnv", "AsyncState"]
 
 
+# Observation slots handed out with copy=True before falling back to copying (plus one scratch).
+RECYCLED_SLOTS = 2
+
+
 class AsyncState(Enum):
     """What the vector env is waiting for."""
 
@@ -62,15 +66,6 @@ def usable_cores() -> int:
 def default_num_workers(num_envs: int) -> int:
     """The usable cores, never more than ``num_envs``."""
     return max(1, min(usable_cores(), num_envs))
-
-
-def default_spin(num_workers: int) -> float:
-    """Seconds a waiter busy-waits before it sleeps on the futex.
-
-    Spinning only pays when a core is free: with a worker per core, a spinning parent or
-    worker takes the very core that the process it is waiting for needs.
-    """
-    return 20e-6 if num_workers < usable_cores() else 0.0
 
 
 def split_groups(num_envs: int, num_workers: int) -> list[range]:
@@ -129,9 +124,7 @@ class _Resources:
 
     def release_segment(self) -> None:
         if self.plan is not None:
-            self.plan.actions.unbind()
-            if self.plan.observations is not None:
-                self.plan.observations.unbind()
+            self.plan.unbind()
         self.results = None
         if self.segment is not None:
             self.segment.release()
@@ -254,7 +247,7 @@ class AsyncVectorEnv(VectorEnv):
                 f"got {num_workers!r}."
             )
         self.num_workers = int(num_workers)
-        self._spin = default_spin(self.num_workers)
+        self._spin = P.SpinBudget()
 
         dummy_env = env_fns[0]()
         try:
@@ -292,6 +285,7 @@ class AsyncVectorEnv(VectorEnv):
                 self.num_envs, self.num_workers, self.single_action_space,
                 self.single_observation_space if shared_memory else None,
                 check_obs_range=observation_mode == "same",
+                observation_slots=RECYCLED_SLOTS + 1 if copy else 1,
             )
         except CustomSpaceError as exc:
             raise ValueError(
@@ -299,6 +293,10 @@ class AsyncVectorEnv(VectorEnv):
                 "this feature with `shared_memory=False` however this is slower."
             ) from exc
         self._plan = plan
+        # the observation slot the last reset/step wrote, and whether it must be copied out
+        self._slot = 0
+        self._copy_out = not copy
+        self._carry: tuple[int, np.ndarray] | None = None
         self._groups = split_groups(self.num_envs, self.num_workers)
         if shared_memory:
             self.observations = None
@@ -328,9 +326,7 @@ class AsyncVectorEnv(VectorEnv):
         plan.write_header(buffer)
         res.doorbells = Doorbells(buffer)
         res.segment = Segment(buffer)
-        plan.actions.bind(res.segment, buffer)
-        if plan.observations is not None:
-            plan.observations.bind(res.segment, buffer)
+        plan.bind(res.segment, buffer)
         res.results = plan.result_arrays(buffer)
         self._doorbells = res.doorbells
         self._pending = plan.parent_line + P.PENDING
@@ -346,7 +342,7 @@ class AsyncVectorEnv(VectorEnv):
                         name=f"Worker<{type(self).__name__}>-{w}",
                         args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
                               res.shm.name, self.autoreset_mode, self.shared_memory,
-                              semaphore, os.getpid(), self._spin),
+                              semaphore, os.getpid()),
                         daemon=self.daemon,
                     )
                     res.pipes.append(parent_pipe)
@@ -380,13 +376,31 @@ class AsyncVectorEnv(VectorEnv):
         return self.get_attr("np_random")
 
     # -- the doorbell protocol -------------------------------------------------------------
-    def _ring(self, command: int, messages: list | None = None) -> None:
+    def _choose_slot(self) -> int:
+        """Pick the observation slot the next reset/step writes.
+
+        With ``copy=True`` the arrays of a slot are handed to the caller as they are, so a slot
+        is written again only once nothing refers to it; if the caller holds every recycled
+        slot, the step goes to the scratch slot and is copied out.
+        """
+        slots = self._plan.observation_slots
+        if len(slots) <= 1:
+            return 0
+        for slot in range(RECYCLED_SLOTS):
+            if not slots[slot].in_use():
+                self._copy_out = False
+                return slot
+        self._copy_out = True
+        return RECYCLED_SLOTS
+
+    def _ring(self, command: int, messages: list | None = None, slot: int = 0) -> None:
         doorbells = self._doorbells
         doorbells.store(self._pending, self.num_workers)
         for w in range(self.num_workers):
             if messages is not None:
                 self._resources.pipes[w].send(messages[w])
             line = self._plan.worker_line(w)
+            doorbells.store(line + P.SLOT, slot)
             doorbells.store(line + P.CMD, command)
             doorbells.store(line + P.CMD_SEQ, (doorbells.load(line + P.CMD_SEQ) + 1) & 0xFFFFFFFF)
             doorbells.wake(line + P.CMD_SEQ, 1)
@@ -395,21 +409,26 @@ class AsyncVectorEnv(VectorEnv):
         """Wait until every worker finished the command; return each worker's pipe reply."""
         doorbells = self._doorbells
         pending = self._pending
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        spin_until = start + self._spin.budget()
         while True:
             value = doorbells.load(pending)
             if value == 0:
                 break
+            now = time.monotonic()
             wait = P.WAIT_SLICE
             if deadline is not None:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     raise multiprocessing.TimeoutError(
                         f"The call to `{name}_wait` has timed out after {timeout} second(s)."
                     )
                 wait = min(wait, remaining)
-            if not doorbells.wait_while_equal(pending, value, wait, self._spin):
+            if not doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now),
+                                              True):
                 self._check_workers()
+        self._spin.record(time.monotonic() - start)
         replies = [None] * self.num_workers
         for w in range(self.num_workers):
             if doorbells.load(self._plan.worker_line(w) + P.INFO_PENDING):
@@ -535,7 +554,11 @@ class AsyncVectorEnv(VectorEnv):
                        None if mask is None else [bool(m) for m in mask[g.start:g.stop]]))
             for g in self._groups
         ]
-        self._ring(P.CMD_PIPE, messages)
+        previous = self._slot
+        self._slot = self._choose_slot()
+        self._ring(P.CMD_PIPE, messages, self._slot)
+        # envs outside the mask keep their observation: carry it into the new slot
+        self._carry = None if mask is None or self._slot == previous else (previous, ~mask)
         self._state = AsyncState.WAITING_RESET
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
@@ -548,6 +571,11 @@ class AsyncVectorEnv(VectorEnv):
             )
         replies = self._wait_pending(timeout, "reset")
         self._state = AsyncState.DEFAULT
+        if self._carry is not None:
+            slots = self._plan.observation_slots
+            if slots:
+                slots[self._slot].copy_rows(slots[self._carry[0]], self._carry[1])
+            self._carry = None
         infos: dict[str, Any] = {}
         errors: list = []
         for reply in replies:
@@ -579,7 +607,8 @@ class AsyncVectorEnv(VectorEnv):
                 str(self._state.value),
             )
         self._plan.actions.write_batch(actions)
-        self._ring(P.CMD_STEP)
+        self._slot = self._choose_slot()
+        self._ring(P.CMD_STEP, slot=self._slot)
         self._state = AsyncState.WAITING_STEP
 
     def step_wait(self, timeout: float | None = None
@@ -621,9 +650,9 @@ class AsyncVectorEnv(VectorEnv):
                 self._pipe_obs[i] = obs
 
     def _observations(self) -> Any:
-        layout = self._plan.observations
-        if layout is not None:
-            return layout.read_batch(copy=self.copy)
+        slots = self._plan.observation_slots
+        if slots:
+            return slots[self._slot].read_batch(copy=self._copy_out and self.copy)
         if any(obs is None for obs in self._pipe_obs):
             return deepcopy(self.observations) if self.copy else self.observations
         self.observations = concatenate(self.single_observation_space, self._pipe_obs,

@@ -13,6 +13,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 from multiprocessing import shared_memory
 from typing import Any
@@ -59,9 +60,9 @@ def error_payload(exc: BaseException) -> tuple[Any, ...]:
 class Worker:
     def __init__(self, index: int, start: int, env_fns: list, pipe, plan: P.SegmentPlan,
                  segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                 semaphore, parent_pid: int, spin: float) -> None:
+                 semaphore, parent_pid: int) -> None:
         self.index = index
-        self.spin = spin
+        self.spin = P.SpinBudget()
         self.start = start
         self.pipe = pipe
         self.plan = plan
@@ -78,9 +79,7 @@ class Worker:
         self.doorbells = Doorbells(self.shm.buf)
         self.segment = Segment(self.shm.buf)
         plan.check_header(self.shm.buf)
-        plan.actions.bind(self.segment, self.shm.buf)
-        if plan.observations is not None:
-            plan.observations.bind(self.segment, self.shm.buf)
+        plan.bind(self.segment, self.shm.buf)
         self.rewards, self.terminations, self.truncations = plan.result_arrays(self.shm.buf)
 
         self.envs: list = []
@@ -90,9 +89,7 @@ class Worker:
 
     # -- lifetime ------------------------------------------------------------------------
     def detach(self) -> None:
-        self.plan.actions.unbind()
-        if self.plan.observations is not None:
-            self.plan.observations.unbind()
+        self.plan.unbind()
         self.rewards = self.terminations = self.truncations = None
         self.segment.release()
         self.doorbells.release()
@@ -127,10 +124,15 @@ class Worker:
         doorbells = self.doorbells
         seq_offset = self.line + P.CMD_SEQ
         while True:
-            if not doorbells.wait_while_equal(seq_offset, seq, P.WAIT_SLICE * 10, self.spin):
+            idle_since = time.monotonic()
+            spin_until = idle_since + self.spin.budget()
+            while True:
+                spin = max(0.0, spin_until - time.monotonic())
+                if doorbells.wait_while_equal(seq_offset, seq, P.WAIT_SLICE * 10, spin, True):
+                    break
                 if not self.parent_alive():
                     return
-                continue
+            self.spin.record(time.monotonic() - idle_since)
             seq = doorbells.load(seq_offset)
             command = doorbells.load(self.line + P.CMD)
             if command == P.CMD_STEP:
@@ -150,9 +152,14 @@ class Worker:
                 return
 
     # -- commands ------------------------------------------------------------------------
+    def observation_layout(self):
+        """The observation slot the current command writes (None: observations go by pipe)."""
+        slots = self.plan.observation_slots
+        return slots[self.doorbells.load(self.line + P.SLOT)] if slots else None
+
     def step_group(self) -> tuple | None:
         actions = self.plan.actions
-        observations = self.plan.observations
+        observations = self.observation_layout()
         rewards, terminations, truncations = self.rewards, self.terminations, self.truncations
         semaphore = self.semaphore
         mode = self.autoreset_mode
@@ -204,7 +211,7 @@ class Worker:
 
     def reset_group(self, seeds: list, options: Any, mask: list[bool] | None) -> tuple:
         infos, errors, pipe_obs = [], [], []
-        observations = self.plan.observations
+        observations = self.observation_layout()
         for j, env in enumerate(self.envs):
             i = self.start + j
             if mask is not None and not mask[j]:
@@ -287,7 +294,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
                 segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                semaphore, parent_pid: int, spin: float) -> None:
+                semaphore, parent_pid: int) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver)."""
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -297,7 +304,7 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
     worker = None
     try:
         worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_name,
-                        autoreset_mode, shared_memory_obs, semaphore, parent_pid, spin)
+                        autoreset_mode, shared_memory_obs, semaphore, parent_pid)
         worker.doorbells.store(worker.line + P.STATUS, P.STATUS_READY)
         for j, fn in enumerate(worker.env_fns):
             try:
