@@ -979,3 +979,18 @@ def test_reset_mask_keeps_observations_across_slots():
         assert data_equivalence(obs, expected, exact=True)
         for leaf, before in zip(_array_leaves(obs), _array_leaves(held)):
             np.testing.assert_array_equal(leaf[~mask], before[~mask])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_getaffinity")
+@pytest.mark.parametrize("pin", [True, False])
+def test_pin_workers(pin):
+    cores = sorted(os.sched_getaffinity(0))
+    fns = [functools.partial(test_envs.SpaceEnv, ARRAY_SPACE, index=i) for i in range(3)]
+    with fastvec.AsyncVectorEnv(fns, num_workers=2, pin_workers=pin) as envs:
+        envs.reset(seed=0)
+        workers = [psutil.Process(p.pid) for p in envs._resources.processes]
+        affinities = [sorted(w.cpu_affinity()) for w in workers]
+    if pin:
+        assert affinities == [[cores[0]], [cores[1 % len(cores)]]]
+    else:
+        assert affinities == [cores, cores]

@@ -55,12 +55,16 @@ class AsyncState(Enum):
     WAITING_CALL = "call"
 
 
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not Linux: no pinning
+        return set()
+
+
 def usable_cores() -> int:
     """Cores this process may run on (``os.sched_getaffinity`` where it exists)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return len(_affinity()) or os.cpu_count() or 1
 
 
 def default_num_workers(num_envs: int) -> int:
@@ -190,6 +194,11 @@ class AsyncVectorEnv(VectorEnv):
         At most this many sub-environments run ``reset``/``step`` at once.
     num_workers
         Worker processes. Default: the usable cores, never more than the number of envs.
+    pin_workers
+        Pin worker ``i`` to the ``i``-th usable core (Linux). Default (``None``): pin when
+        there is exactly one worker per usable core, where it keeps the scheduler from
+        queueing two workers on one core while another core spins. Processes and threads
+        that an environment starts inherit the pin; pass ``False`` for such environments.
     """
 
     def __init__(
@@ -205,6 +214,7 @@ class AsyncVectorEnv(VectorEnv):
         max_concurrency: int | None = None,
         *,
         num_workers: int | None = None,
+        pin_workers: bool | None = None,
     ) -> None:
         self._state = AsyncState.DEFAULT
         self._broken: WorkerDiedError | None = None
@@ -247,6 +257,8 @@ class AsyncVectorEnv(VectorEnv):
                 f"got {num_workers!r}."
             )
         self.num_workers = int(num_workers)
+        self.pin_workers = (self.num_workers == usable_cores() if pin_workers is None
+                            else bool(pin_workers))
         self._spin = P.SpinBudget()
 
         dummy_env = env_fns[0]()
@@ -334,7 +346,9 @@ class AsyncVectorEnv(VectorEnv):
                      if self.max_concurrency is not None else None)
         try:
             with clear_mpi_env_vars():
+                cores = sorted(_affinity())
                 for w, group in enumerate(self._groups):
+                    core = cores[w % len(cores)] if self.pin_workers and cores else None
                     parent_pipe, child_pipe = ctx.Pipe()
                     env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
                     process = ctx.Process(
@@ -342,7 +356,7 @@ class AsyncVectorEnv(VectorEnv):
                         name=f"Worker<{type(self).__name__}>-{w}",
                         args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
                               res.shm.name, self.autoreset_mode, self.shared_memory,
-                              semaphore, os.getpid()),
+                              semaphore, os.getpid(), core),
                         daemon=self.daemon,
                     )
                     res.pipes.append(parent_pipe)

@@ -22,6 +22,7 @@ from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _protocol as P
+from fastvec import _kernels
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
 
@@ -158,25 +159,32 @@ class Worker:
         return slots[self.doorbells.load(self.line + P.SLOT)] if slots else None
 
     def step_group(self) -> tuple | None:
-        actions = self.plan.actions
+        # the per-step hot path: locals hoisted, kernels called directly on the fast path
+        segment = self.segment
+        action_root = self.plan.actions.root
         observations = self.observation_layout()
+        obs_root = observations.root if observations is not None else None
+        read_slot, write_slot = _kernels.read_slot, _kernels.write_slot
         rewards, terminations, truncations = self.rewards, self.terminations, self.truncations
         semaphore = self.semaphore
-        mode = self.autoreset_mode
+        next_step = self.autoreset_mode is AutoresetMode.NEXT_STEP
+        same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
+        autoreset = self.autoreset
         infos = errors = pipe_obs = None
+        i = self.start - 1
         for j, env in enumerate(self.envs):
-            i = self.start + j
+            i += 1
             try:
                 if semaphore is not None:
                     semaphore.acquire()
                 try:
-                    if mode is AutoresetMode.NEXT_STEP and self.autoreset[j]:
+                    if next_step and autoreset[j]:
                         obs, info = env.reset()
                         reward, terminated, truncated = 0.0, False, False
                     else:
                         obs, reward, terminated, truncated, info = env.step(
-                            actions.read_slot(i))
-                        if mode is AutoresetMode.SAME_STEP and (terminated or truncated):
+                            read_slot(action_root, i))
+                        if same_step and (terminated or truncated):
                             final_obs, final_info = obs, info
                             obs, reset_info = env.reset()
                             info = {"final_info": final_info, "final_obs": final_obs,
@@ -184,10 +192,11 @@ class Worker:
                 finally:
                     if semaphore is not None:
                         semaphore.release()
-                if mode is AutoresetMode.NEXT_STEP:
-                    self.autoreset[j] = bool(terminated or truncated)
-                if observations is not None:
-                    observations.write_slot(obs, i)
+                if next_step:
+                    autoreset[j] = bool(terminated or truncated)
+                if obs_root is not None:
+                    if not write_slot(segment, obs_root, obs, i):
+                        observations.write_slot(obs, i)  # converts, or names the bad leaf
                 else:
                     self.last_obs[j] = obs
                     if pipe_obs is None:
@@ -294,11 +303,16 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
                 segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                semaphore, parent_pid: int) -> None:
+                semaphore, parent_pid: int, core: int | None = None) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver)."""
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
+    if core is not None:
+        try:
+            os.sched_setaffinity(0, {core})
+        except (AttributeError, OSError):  # not Linux, or the core went away: run unpinned
+            pass
     if parent_pipe is not None:
         parent_pipe.close()
     worker = None
