@@ -186,3 +186,24 @@ class FailingEnv(gym.Env):
 def broken_env() -> gym.Env:
     """An env function that fails (in the worker that calls it)."""
     raise FailError("cannot build this env")
+
+
+class UnpicklableInfoEnv(gym.Env):
+    """Returns an info holding a lock (which cannot be pickled) when ``bad``; else a plain one."""
+
+    observation_space = spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, bad: bool = False) -> None:
+        self.bad = bad
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        info = {"lock": threading.Lock()} if self.bad else {"ok": 1}
+        return np.full(2, 0.5, np.float32), 1.0, False, False, info
+
+    def get_lock(self) -> Any:
+        return threading.Lock() if self.bad else "fine"

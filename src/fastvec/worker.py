@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from multiprocessing import shared_memory
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
@@ -56,6 +57,49 @@ def error_payload(exc: BaseException) -> tuple[Any, ...]:
     except Exception:
         type_blob = None
     return (blob, type_blob, type(exc).__qualname__, str(exc), trace)
+
+
+def _unpicklable(what: str, index: int, exc: Exception) -> tuple[int, tuple]:
+    try:
+        raise TypeError(f"the {what} of env {index} cannot be pickled: {exc}") from exc
+    except TypeError as error:
+        return (index, error_payload(error))
+
+
+def _keep_picklable(entries: list | None, errors: list, what: str) -> list | None:
+    if not entries:
+        return entries
+    kept = []
+    for index, value in entries:
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as exc:
+            errors.append(_unpicklable(what, index, exc))
+        else:
+            kept.append((index, value))
+    return kept
+
+
+def picklable_reply(reply: tuple, start: int) -> bytes:
+    """Pickle ``reply`` for the parent; what does not pickle becomes an error of its env."""
+    try:
+        return bytes(ForkingPickler.dumps(reply))
+    except Exception:
+        pass
+    if len(reply) == 3:  # a step or reset: (infos, errors, observations)
+        infos, errors, pipe_obs = reply
+        errors = list(errors or [])
+        infos = _keep_picklable(infos, errors, "info")
+        pipe_obs = _keep_picklable(pipe_obs, errors, "observation")
+        reply = (infos, errors, pipe_obs)
+    else:  # call, set_attr, check_spaces, close: (results, errors)
+        results, errors = reply
+        errors = list(errors)
+        kept = _keep_picklable(list(enumerate(results, start)), errors, "result")
+        picked = dict(kept or [])
+        reply = ([picked.get(start + j) for j in range(len(results))], errors)
+    errors.sort(key=lambda entry: entry[0])
+    return bytes(ForkingPickler.dumps(reply))
 
 
 class Worker:
@@ -148,7 +192,7 @@ class Worker:
                 doorbells.wake(self.pending)
             if reply is not None:
                 # sent after the counter so a large reply can never deadlock the parent's wait
-                self.pipe.send(reply)
+                self.pipe.send_bytes(picklable_reply(reply, self.start))
             if closing:
                 return
 
