@@ -1011,3 +1011,14 @@ def test_unpicklable_info_and_call_result_are_errors_of_their_env():
         assert any("Worker-1" in str(w.message) for w in record)
         assert all(p.is_alive() for p in envs._resources.processes)
         assert envs.get_attr("bad") == (False, True, False)
+
+
+@pytest.mark.timeout(60)
+def test_large_pipe_messages_do_not_deadlock():
+    big = np.arange(1_000_000, dtype=np.float64)  # 8 MB: far beyond a pipe's buffer
+    fns = [functools.partial(test_envs.SpaceEnv, ARRAY_SPACE, index=i) for i in range(3)]
+    with fastvec.AsyncVectorEnv(fns, num_workers=2) as envs:
+        envs.reset(seed=0, options={"tag": big})
+        envs.set_attr("custom_attr", big)
+        attrs = envs.get_attr("custom_attr")
+        assert all(np.array_equal(a, big) for a in attrs)

@@ -411,13 +411,15 @@ class AsyncVectorEnv(VectorEnv):
         doorbells = self._doorbells
         doorbells.store(self._pending, self.num_workers)
         for w in range(self.num_workers):
-            if messages is not None:
-                self._resources.pipes[w].send(messages[w])
             line = self._plan.worker_line(w)
             doorbells.store(line + P.SLOT, slot)
             doorbells.store(line + P.CMD, command)
             doorbells.store(line + P.CMD_SEQ, (doorbells.load(line + P.CMD_SEQ) + 1) & 0xFFFFFFFF)
             doorbells.wake(line + P.CMD_SEQ, 1)
+            if messages is not None:
+                # after the doorbell: the worker is reading, so a message larger than the
+                # pipe's buffer cannot block us
+                self._resources.pipes[w].send(messages[w])
 
     def _wait_pending(self, timeout: float | None, name: str) -> list:
         """Wait until every worker finished the command; return each worker's pipe reply."""
