@@ -1022,3 +1022,21 @@ def test_large_pipe_messages_do_not_deadlock():
         envs.set_attr("custom_attr", big)
         attrs = envs.get_attr("custom_attr")
         assert all(np.array_equal(a, big) for a in attrs)
+
+
+def test_a_step_pickles_nothing_without_infos_or_errors(monkeypatch):
+    # CartPole returns empty infos, also on the autoresets that happen in 300 steps
+    fns = [functools.partial(gym.make, "CartPole-v1") for _ in range(4)]
+    with fastvec.AsyncVectorEnv(fns, num_workers=2) as envs:
+        envs.reset(seed=0)
+        received = []
+        original = fastvec.AsyncVectorEnv._recv
+        monkeypatch.setattr(fastvec.AsyncVectorEnv, "_recv",
+                            lambda self, w: received.append(w) or original(self, w))
+        episodes_ended = 0
+        for _ in range(300):
+            _, _, terminated, truncated, infos = envs.step(envs.action_space.sample())
+            episodes_ended += int(np.sum(terminated | truncated))
+            assert infos == {}
+        assert episodes_ended > 0
+        assert received == []
