@@ -1,10 +1,26 @@
-"""Smoke test for the ``python -m fastvec.bench`` command line."""
+"""Smoke tests for the ``python -m fastvec.bench`` command line."""
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 
+import pytest
+
+from fastvec.bench import main
+from fastvec.bench.cli import build_parser
+
 BACKENDS = {"fastvec", "gym-async", "gym-sync"}
+# "[#####...............]  1/3  0:02 / ~0:07  cartpole x4 rep 1/1 fastvec: 12.3k steps/s"
+PROGRESS = re.compile(r"\[[#.]{20}\] +\d+/\d+  \d+:\d\d / ~\d+:\d\d  \S")
+TINY = ("--seconds", "0.1", "--warmup", "0", "--repeats", "1")
+
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (fastvec[plot])")
+needs_atari = pytest.mark.skipif(
+    importlib.util.find_spec("ale_py") is None or importlib.util.find_spec("cv2") is None,
+    reason="ale-py or opencv is not installed (fastvec[atari])")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -12,20 +28,30 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_help_exits_zero():
+def test_help_explains_every_flag():
     proc = _run("--help")
     assert proc.returncode == 0, proc.stderr
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in proc.stdout, flag
+        assert action.help, f"{action.option_strings} has no help text"
     for flag in ("--workload", "--num-envs", "--num-workers", "--seconds", "--repeats",
-                 "--json", "--backends", "--quiet"):
+                 "--warmup", "--json", "--plot", "--backends", "--quiet"):
         assert flag in proc.stdout
+    for workload in ("image", "cartpole", "dict", "compute", "atari"):
+        assert workload in proc.stdout
 
 
-def test_cartpole_run_writes_json(tmp_path):
+def test_cartpole_run_writes_json_and_shows_progress(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run("--workload", "cartpole", "--num-envs", "4", "--seconds", "0.2",
                 "--repeats", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "cartpole" in proc.stdout
+    # not a terminal: one progress line per event, each with the bar, elapsed and estimate
+    progress = [line for line in proc.stderr.splitlines() if PROGRESS.match(line)]
+    assert any("cartpole x4 rep 1/1 gym-sync" in line for line in progress), proc.stderr
+    assert progress[-1].startswith("[####################] 3/3"), progress[-1]
     data = json.loads(out.read_text())
     rows = {r["backend"]: r for r in data["results"]}
     assert set(rows) == BACKENDS
@@ -38,3 +64,51 @@ def test_cartpole_run_writes_json(tmp_path):
     assert {q["ratio"] for q in data["ratios"]} == {"fastvec/gym-async", "fastvec/gym-sync"}
     for key in ("cpu_model", "usable_cores", "python", "numpy", "gymnasium", "fastvec", "date"):
         assert data["machine"][key]
+
+
+@needs_matplotlib
+def test_plot_writes_png_with_a_point_per_num_envs(tmp_path):
+    png, out = tmp_path / "bench.png", tmp_path / "bench.json"
+    proc = _run("--workload", "image", "--num-envs", "2,4", "--backends", "fastvec,gym-sync",
+                *TINY, "--plot", str(png), "--json", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet
+    assert f"plot written to {png}" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+    points = {(r["backend"], r["num_envs"]) for r in json.loads(out.read_text())["results"]}
+    assert points == {(b, n) for b in ("fastvec", "gym-sync") for n in (2, 4)}
+
+
+def test_plot_without_matplotlib_exits_2_before_running(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises
+    png = tmp_path / "bench.png"
+    assert main(["--workload", "cartpole", *TINY, "--plot", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert "pip install 'fastvec[plot]'" in captured.err
+    assert "matplotlib" in captured.err
+    assert captured.out == ""  # nothing was measured
+    assert not png.exists()
+
+
+@needs_atari
+def test_atari_workload_smoke():
+    proc = _run("--workload", "atari", "--num-envs", "2", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("atari")]
+    assert {row[2] for row in rows} == BACKENDS
+    assert all(row[1] == "2" and row[4] != "failed" for row in rows), proc.stdout
+    assert "A.L.E" not in proc.stderr  # the emulator's banner is silenced
+
+
+def test_atari_is_skipped_with_a_note_when_ale_py_is_missing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ale_py", None)
+    out = tmp_path / "bench.json"
+    assert main(["--workload", "atari,cartpole", "--num-envs", "2", "--backends", "gym-sync",
+                 *TINY, "--json", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "atari: skipped, ale-py" in captured.out
+    assert "pip install 'fastvec[atari]'" in captured.out
+    data = json.loads(out.read_text())
+    assert "atari" in data["skipped"]
+    assert [(r["workload"], r["backend"]) for r in data["results"]] == [("cartpole", "gym-sync")]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fastvec.bench.plot import MISSING_MATPLOTLIB, matplotlib_missing, plot_results
 from fastvec.bench.runner import (
     ACTION_BATCHES,
     BACKENDS,
@@ -19,7 +20,7 @@ from fastvec.bench.runner import (
     run,
     usable_cores,
 )
-from fastvec.bench.workloads import WORKLOADS
+from fastvec.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
 
 __all__ = ["build_parser", "format_table", "main", "ratios"]
 
@@ -32,6 +33,9 @@ For each workload, every backend does reset(seed=0), warms up, then calls step()
 (A, B, C, A, B, C, ...) so they share the machine's noise, and each reports the median
 env-steps/s over --repeats. For "compute" the run also measures the ceiling: one
 free-running process per usable core stepping its own env with no IPC at all.
+
+A progress bar on stderr shows the workload, backend and repeat being timed, the time
+elapsed and the estimated total. The defaults take about two minutes on 2 cores.
 """
 
 _EPILOG = "workloads:\n" + "\n".join(
@@ -39,8 +43,13 @@ _EPILOG = "workloads:\n" + "\n".join(
     for w in WORKLOADS.values()
 ) + """
 
+
+"atari" needs `pip install 'fastvec[atari]'` (ale-py and OpenCV); without them it is skipped
+with a note. --plot needs `pip install 'fastvec[plot]'` (matplotlib).
+
 examples:
   python -m fastvec.bench
+  python -m fastvec.bench --num-envs 8,16,32 --plot bench.png
   python -m fastvec.bench --workload cartpole,image --num-envs 8,64 --seconds 1
   python -m fastvec.bench --workload compute --num-workers 2 --json out.json
 """
@@ -87,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workload", action="extend", type=_csv(tuple(WORKLOADS)), metavar="NAME[,NAME...]",
         help=f"workloads to run; repeat the flag or give a comma list "
-             f"(choices: {', '.join(WORKLOADS)}; default: all four)")
+             f"(choices: {', '.join(WORKLOADS)}; default: {','.join(DEFAULT_WORKLOADS)}, "
+             "skipping any whose packages are missing)")
     parser.add_argument(
         "--num-envs", action="extend", type=_csv(kind=_positive(int)), metavar="N[,N...]",
-        help="number of sub-environments, overriding each workload's default; with several "
-             "values every selected workload runs at each of them")
+        help="numbers of sub-environments, overriding each workload's default; with several "
+             "values (e.g. 8,16,32) every selected workload runs at each of them, which "
+             "gives --plot a curve")
     parser.add_argument(
         "--num-workers", type=_positive(int), metavar="N",
         help="worker processes for fastvec only (default: fastvec's own default, the usable "
@@ -116,8 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
              "ratios, the settings and the machine (CPU model, cores, Python, numpy, "
              "gymnasium and fastvec versions, date) to PATH as JSON")
     parser.add_argument(
+        "--plot", metavar="PATH",
+        help="also write a PNG to PATH: env-steps/s against the number of envs, one line per "
+             "backend, one panel per workload (needs matplotlib: pip install 'fastvec[plot]'; "
+             "exits with status 2 before running anything when it is missing)")
+    parser.add_argument(
         "--quiet", action="store_true",
-        help="no progress line on stderr; the table is still printed")
+        help="no progress bar on stderr; the table is still printed")
     return parser
 
 
@@ -191,7 +207,11 @@ def format_table(results: Sequence[Result]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workloads = list(dict.fromkeys(args.workload or WORKLOADS))
+    if args.plot and matplotlib_missing():
+        # Say so now rather than after minutes of measuring.
+        print(f"error: {MISSING_MATPLOTLIB}", file=sys.stderr)
+        return 2
+    workloads = list(dict.fromkeys(args.workload or DEFAULT_WORKLOADS))
     backends = list(dict.fromkeys(args.backends or (*BACKENDS, CEILING)))
     config = BenchConfig(
         workloads=workloads,
@@ -221,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "compute_rounds_per_step" in extra:
         print(f"compute: {extra['compute_rounds_per_step']} rounds of work per step, calibrated "
               f"to ~{extra['compute_target_step_us']:.0f} us on this machine")
+    for name, reason in extra.get("skipped", {}).items():
+        print(f"{name}: skipped, {reason}")
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"error: {r.workload} x{r.num_envs} {r.backend}: {r.error}", file=sys.stderr)
@@ -246,4 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
+    if args.plot:
+        if any(r.rates for r in results):
+            plot_results(results, args.plot, machine)
+            print(f"plot written to {args.plot}")
+        else:
+            print("no measurements to plot; --plot wrote nothing", file=sys.stderr)
     return 1 if failed else 0

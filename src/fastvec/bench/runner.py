@@ -6,6 +6,7 @@ import datetime
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -30,7 +31,9 @@ __all__ = [
     "BenchConfig",
     "Result",
     "machine_info",
+    "Progress",
     "run",
+    "skipped_workloads",
     "usable_cores",
 ]
 
@@ -214,20 +217,55 @@ def measure_ceiling(env_fn: Callable[[], gym.Env], seconds: float, warmup: float
 
 # -- the run ---------------------------------------------------------------------------------
 
-class Progress:
-    """One status line on stderr (rewritten in place on a terminal)."""
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds + 0.5))
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
-    def __init__(self, total: int, enabled: bool) -> None:
+
+class Progress:
+    """A progress bar on stderr: where the run is, elapsed time and the estimated total.
+
+    ``[#######.............]  14/39  0:33 / ~1:31  cartpole x32 rep 2/3 gym-async ...``
+
+    A *unit* is one timed run (one backend, one repeat). On a terminal the line is redrawn in
+    place; elsewhere (a CI log, a pipe) each event is a line of its own. It is drawn only
+    between timed runs, never during one, so it costs the measurement nothing.
+    """
+
+    BAR_WIDTH = 20
+
+    def __init__(self, total: int, unit_seconds: float, enabled: bool) -> None:
         self.total, self.done, self.enabled = total, 0, enabled
+        self.unit_seconds = unit_seconds
         self.tty = enabled and sys.stderr.isatty()
         self.start = time.monotonic()
         self._width = 0
 
+    def estimate(self) -> float:
+        """Estimated total seconds of the run: the pace so far, applied to what is left."""
+        elapsed = time.monotonic() - self.start
+        # Before any unit is done only the timed seconds are known; setup and teardown show
+        # up in the observed pace, which also never drops below the timed seconds.
+        pace = self.unit_seconds if self.done == 0 else max(self.unit_seconds,
+                                                            elapsed / self.done)
+        return elapsed + pace * (self.total - self.done)
+
+    def line(self, text: str) -> str:
+        filled = self.BAR_WIDTH * self.done // max(1, self.total)
+        bar = "#" * filled + "." * (self.BAR_WIDTH - filled)
+        width = len(str(self.total))
+        elapsed = time.monotonic() - self.start
+        return (f"[{bar}] {self.done:>{width}}/{self.total}  {_clock(elapsed)} / "
+                f"~{_clock(self.estimate())}  {text}")
+
     def show(self, text: str) -> None:
         if not self.enabled:
             return
-        line = f"[{self.done:>3}/{self.total}] {time.monotonic() - self.start:5.0f}s  {text}"
+        line = self.line(text)
         if self.tty:
+            # a line longer than the terminal wraps, and "\r" then redraws only its tail
+            columns = shutil.get_terminal_size((100, 24)).columns
+            line = line[:max(20, columns - 1)]
             pad = max(0, self._width - len(line))
             sys.stderr.write("\r" + line + " " * pad)
             self._width = len(line)
@@ -239,6 +277,16 @@ class Progress:
         self.done += 1
         self.show(text)
 
+    def note(self, text: str) -> None:
+        """A line of its own that stays above the bar."""
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
     def close(self) -> None:
         if self.enabled and self.tty:
             sys.stderr.write("\r" + " " * self._width + "\r")
@@ -249,9 +297,21 @@ def _fmt_rate(rate: float) -> str:
     return f"{rate / 1e6:.2f}M" if rate >= 1e6 else f"{rate / 1e3:.1f}k"
 
 
-def _cases(config: BenchConfig) -> list[tuple[Workload, int]]:
+def skipped_workloads(names: Sequence[str]) -> dict[str, str]:
+    """The workloads among ``names`` that cannot run here, with the reason for each."""
+    skipped = {}
+    for name in names:
+        reason = WORKLOADS[name].unavailable()
+        if reason is not None:
+            skipped[name] = reason
+    return skipped
+
+
+def _cases(config: BenchConfig, skip: Sequence[str] = ()) -> list[tuple[Workload, int]]:
     cases = []
     for name in config.workloads:
+        if name in skip:
+            continue
         workload = WORKLOADS[name]
         for n in (config.num_envs or [workload.default_num_envs]):
             cases.append((workload, int(n)))
@@ -259,15 +319,22 @@ def _cases(config: BenchConfig) -> list[tuple[Workload, int]]:
 
 
 def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[str, Any]]:
-    """Runs every (workload, num_envs) case; returns the results and extra facts for the JSON."""
+    """Runs every (workload, num_envs) case; returns the results and extra facts for the JSON.
+
+    A workload whose optional packages are missing is not run: ``extra["skipped"]`` maps its
+    name to the reason.
+    """
     backends = [b for b in BACKENDS if b in config.backends]
     want_ceiling = CEILING in config.backends
-    cases = _cases(config)
+    skipped = skipped_workloads(config.workloads)
+    cases = _cases(config, skip=tuple(skipped))
     total = sum(config.repeats * (len(backends) + (want_ceiling and w.ceiling))
                 for w, _ in cases)
-    bar = Progress(total, progress)
+    bar = Progress(total, config.seconds + config.warmup, progress)
     results: list[Result] = []
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"skipped": skipped}
+    for name, reason in skipped.items():
+        bar.note(f"{name}: skipped, {reason}")
     try:
         for workload, num_envs in cases:
             results.extend(_run_case(workload, num_envs, backends,

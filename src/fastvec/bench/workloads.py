@@ -8,7 +8,9 @@ with ``spawn`` or ``forkserver`` can unpickle them. Every env factory is a
 from __future__ import annotations
 
 import functools
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +21,17 @@ import numpy as np
 from gymnasium import spaces
 
 __all__ = [
+    "ATARI_ENV_ID",
+    "DEFAULT_WORKLOADS",
     "WORKLOADS",
     "ComputeEnv",
     "DictEnv",
     "ImageEnv",
     "Workload",
+    "WorkloadUnavailable",
+    "atari_missing",
     "calibrate_compute",
+    "make_atari_env",
 ]
 
 #: Episodes of the no-work and compute envs are truncated after this many steps, so the
@@ -173,6 +180,57 @@ class ComputeEnv(gym.Env):
         return self._observe(), reward, False, self._t >= EPISODE_STEPS, {}
 
 
+# -- atari -----------------------------------------------------------------------------------
+
+ATARI_ENV_ID = "ALE/Pong-v5"
+
+
+class WorkloadUnavailable(RuntimeError):
+    """A workload whose optional dependencies are not installed; the message says which."""
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it."""
+    if module in sys.modules:  # None there means "blocked", as importing it would raise
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def atari_missing() -> str | None:
+    """Why the atari workload cannot run here (a sentence), or ``None`` when it can."""
+    # AtariPreprocessing resizes frames with OpenCV, so both packages are needed.
+    missing = [package for module, package in (("ale_py", "ale-py"), ("cv2", "opencv-python"))
+               if not _installed(module)]
+    if not missing:
+        return None
+    return (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+            "(pip install 'fastvec[atari]')")
+
+
+def make_atari_env() -> gym.Env:
+    """Pong the way Atari agents see it: ``(4, 84, 84)`` uint8 stacks of grey frames.
+
+    ``ALE/Pong-v5`` with ``frameskip=1`` so that ``AtariPreprocessing`` does the frame
+    skipping (4 emulator frames per step, max-pooled), grey-scales and resizes to 84x84;
+    ``FrameStackObservation`` stacks the last 4 of those.
+    """
+    import ale_py
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+    # The emulator prints a banner on stderr per instance, which would tear the progress bar.
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+    gym.register_envs(ale_py)
+    env = gym.make(ATARI_ENV_ID, frameskip=1)
+    return FrameStackObservation(AtariPreprocessing(env), stack_size=4)
+
+
+def _atari_factory() -> Callable[[], gym.Env]:
+    reason = atari_missing()
+    if reason is not None:
+        raise WorkloadUnavailable(reason)
+    return make_atari_env
+
+
 # -- registry --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -184,6 +242,8 @@ class Workload:
     factory: Callable[[], Callable[[], gym.Env]]
     #: Also measure free-running processes with no IPC (the "ceiling").
     ceiling: bool = False
+    #: Why the workload cannot run on this machine (missing packages), or None.
+    unavailable: Callable[[], str | None] = lambda: None
 
 
 def _compute_factory() -> Callable[[], gym.Env]:
@@ -201,5 +261,11 @@ WORKLOADS: dict[str, Workload] = {
                  lambda: DictEnv),
         Workload("compute", 8, "~300 us of numpy work per step, Box(8,) float32",
                  _compute_factory, ceiling=True),
+        Workload("atari", 8, f"{ATARI_ENV_ID} + AtariPreprocessing + FrameStackObservation(4): "
+                 "(4,84,84) uint8, Discrete(6); needs fastvec[atari]",
+                 _atari_factory, unavailable=atari_missing),
     )
 }
+
+#: What a bare ``python -m fastvec.bench`` runs.
+DEFAULT_WORKLOADS: tuple[str, ...] = tuple(WORKLOADS)
