@@ -28,6 +28,29 @@ def make_vec(
     wrappers=..., **kwargs)``: ``vector_kwargs`` go to :class:`AsyncVectorEnv` (fastvec's own
     options such as ``num_workers`` included), ``wrappers`` wrap each sub-environment, and
     ``kwargs`` go to ``gymnasium.make``.
+
+    Workers receive the env's :class:`~gymnasium.envs.registration.EnvSpec` itself, not its
+    id, so an env registered only in the calling process (``gymnasium.register`` in a script
+    or a notebook) works under every start method: ``"spawn"`` and ``"forkserver"`` workers
+    re-import modules but never see such a registration. (An env function of your own that
+    calls ``gymnasium.make(id)`` does look the id up in the worker, and fails there with
+    ``NameNotFound`` unless the registration runs on import of a module the worker imports.)
+
+    To make ``gymnasium.make_vec`` build fastvec envs, register a ``vector_entry_point``::
+
+        gymnasium.register(
+            "MyEnv-v0",
+            entry_point="my_package.envs:MyEnv",
+            vector_entry_point=functools.partial(
+                fastvec.make_vec, "MyEnv-v0", vector_kwargs={"num_workers": 4}),
+        )
+        envs = gymnasium.make_vec("MyEnv-v0", num_envs=16)   # a fastvec.AsyncVectorEnv
+
+    Gymnasium calls the entry point with ``num_envs`` and the env's keyword arguments
+    (``max_episode_steps`` included); Gymnasium refuses ``vector_kwargs`` and ``wrappers`` in
+    this mode, so fix them in the ``partial``. A string such as
+    ``"my_package.envs:make_fast_vec"`` naming ``def make_fast_vec(num_envs, **kwargs)`` that
+    calls ``fastvec.make_vec`` works too.
     """
     if isinstance(id, EnvSpec):
         env_spec = id
