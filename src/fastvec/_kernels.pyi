@@ -2,19 +2,22 @@
 
 from typing import Any, Final
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, Self, disjoint_base
 
 KIND: Final[dict[str, int]]
 
+@disjoint_base
 class Segment:
     """A writable buffer pinned for direct writes; release it before closing its owner."""
 
     size: Final[int]
-    def __init__(self, buffer: Buffer) -> None: ...
+    # Cython's __cinit__ takes the argument, so it is __new__ that has the signature
+    def __new__(cls, buffer: Buffer) -> Self: ...
     def release(self) -> None: ...
     @property
     def released(self) -> bool: ...
 
+@disjoint_base
 class Node:
     """One node of a compiled space: a leaf over the segment or a container of nodes."""
 

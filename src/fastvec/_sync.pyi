@@ -1,16 +1,18 @@
 """Type stubs for fastvec._sync (cross-process doorbells)."""
 
 from types import TracebackType
-from typing import Final, Literal
+from typing import Final, Literal, final
 
-from typing_extensions import Buffer  # stub-only import; never executed
+from typing_extensions import Buffer, Self  # stub-only; never executed
 
 HAVE_FUTEX: Final[bool]
 
+@final
 class Doorbells:
     """Atomic 32-bit doorbell words over a writable, C-contiguous buffer."""
 
-    def __init__(self, buffer: Buffer) -> None: ...
+    # Cython's __cinit__ takes the argument, so it is __new__ that has the signature
+    def __new__(cls, buffer: Buffer) -> Self: ...
     @property
     def nbytes(self) -> int: ...
     @property

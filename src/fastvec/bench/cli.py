@@ -150,10 +150,10 @@ def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
         if fast is None or fast.median is None:
             continue
         for other in ("gym-async", "gym-sync", CEILING):
-            r = rows.get(other)
-            if r is not None and r.median:
+            base = rows.get(other)
+            if base is not None and base.median:
                 out.append({"workload": workload, "num_envs": num_envs,
-                            "ratio": f"fastvec/{other}", "value": fast.median / r.median})
+                            "ratio": f"fastvec/{other}", "value": fast.median / base.median})
     return out
 
 

@@ -6,6 +6,7 @@ Needs matplotlib (``pip install 'fastvec[plot]'``); nothing else in the benchmar
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,7 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike[str],
         for backend in sorted({r.backend for r in mine}, key=order.index):
             points = sorted((r for r in mine if r.backend == backend), key=lambda r: r.num_envs)
             x = [r.num_envs for r in points]
-            y = [r.median for r in points]
+            y = [statistics.median(r.rates) for r in points]
             low = [m - min(r.rates) for r, m in zip(points, y)]
             high = [max(r.rates) - m for r, m in zip(points, y)]
             ax.errorbar(x, y, yerr=[low, high], label=backend, capsize=3, linewidth=1.6,

@@ -105,9 +105,9 @@ def make_backend(backend: str, env_fn: Callable[[], gym.Env], num_envs: int,
 
 def _processes(backend: str, envs: gym.vector.VectorEnv) -> int:
     if backend == "fastvec":
-        return int(envs.num_workers)
+        return int(getattr(envs, "num_workers"))
     if backend == "gym-async":
-        return len(envs.processes)
+        return len(getattr(envs, "processes"))
     return 0
 
 
@@ -384,13 +384,13 @@ def _run_case(workload: Workload, num_envs: int, backends: list[str], ceiling: b
         ceiling_result = Result(workload.name, num_envs, CEILING, processes=usable_cores())
         for rep in range(config.repeats):
             for b in backends:
-                env = envs.get(b)
-                if env is None:
+                running = envs.get(b)
+                if running is None:
                     bar.step(f"{label} rep {rep + 1}/{config.repeats} {b}: skipped")
                     continue
                 bar.show(f"{label} rep {rep + 1}/{config.repeats} {b} ...")
                 try:
-                    steps, elapsed = time_vector_env(env, actions, config.seconds,
+                    steps, elapsed = time_vector_env(running, actions, config.seconds,
                                                      config.warmup)
                 except Exception as exc:  # noqa: BLE001
                     results[b].error = f"{type(exc).__name__}: {exc}"
