@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures.process import BrokenProcessPool
+
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 
 __all__ = [
@@ -24,8 +26,14 @@ class RemoteTraceback(Exception):
         return f"\n\nRemote traceback (from the worker process):\n{self.text}"
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(BrokenProcessPool, EOFError, BrokenPipeError):
     """A worker process ended while the vector env needed it.
+
+    Raised by the call that was waiting on the worker, or by the next call if the worker died
+    in between. It is a :class:`concurrent.futures.process.BrokenProcessPool` (so a
+    ``RuntimeError`` and a ``concurrent.futures.BrokenExecutor``), and also an ``EOFError`` and
+    a ``BrokenPipeError``: what ``gymnasium.vector.AsyncVectorEnv`` raises when a worker dies
+    during a call and before one, so handlers written for Gymnasium catch it too.
 
     Attributes
     ----------
@@ -36,13 +44,19 @@ class WorkerDiedError(RuntimeError):
     pid : int | None
         The worker's process id.
     exitcode : int | None
-        Its exit code; negative for a signal, as ``multiprocessing`` reports it.
+        Its exit code; negative for a signal, as ``multiprocessing`` reports it (``None`` if
+        the worker could not be reaped, which should not happen).
+    restarted : bool
+        ``True`` when ``restart_workers=True`` replaced the worker: the vector env is still
+        usable. ``False``: the vector env is broken; close it.
     """
 
     def __init__(self, message: str, worker: int = -1, env_indices: tuple[int, ...] = (),
-                 pid: int | None = None, exitcode: int | None = None) -> None:
+                 pid: int | None = None, exitcode: int | None = None,
+                 restarted: bool = False) -> None:
         super().__init__(message)
         self.worker = worker
         self.env_indices = env_indices
         self.pid = pid
         self.exitcode = exitcode
+        self.restarted = restarted
