@@ -20,6 +20,11 @@ CMD = 4
 STATUS = 8
 INFO_PENDING = 12
 SLOT = 16  # which observation slot the command writes
+# The last cmd_seq the worker finished, stored after it decremented `pending`: lets the parent
+# tell which workers are done when a dead worker will never decrement the counter.
+DONE_SEQ = 20
+# 1 while the worker holds a max_concurrency permit: a replaced worker's permit is given back.
+PERMIT = 24
 # Offset of the parent's pending counter inside its line.
 PENDING = 0
 

@@ -7,12 +7,14 @@ import os
 import pickle
 import secrets
 import signal
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from enum import Enum
 from multiprocessing import connection, shared_memory
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,10 @@ __all__ = ["AsyncVectorEnv", "AsyncState"]
 
 # Observation slots handed out with copy=True before falling back to copying (plus one scratch).
 RECYCLED_SLOTS = 2
+
+# Commands during which restart_workers=True replaces a dead worker (construction and close
+# do not: there a death raises WorkerDiedError, or is ignored by close).
+_RESTARTABLE = frozenset({"step", "reset", "call", "set_attr"})
 
 
 class AsyncState(Enum):
@@ -199,6 +205,37 @@ class AsyncVectorEnv(VectorEnv):
         there is exactly one worker per usable core, where it keeps the scheduler from
         queueing two workers on one core while another core spins. Processes and threads
         that an environment starts inherit the pin; pass ``False`` for such environments.
+    restart_workers
+        Replace a worker process that dies (a crash inside a C extension, the OOM killer, a
+        ``SIGKILL``) instead of breaking the vector env. The new worker builds fresh envs for
+        the dead worker's group from ``env_fns`` and resets them with seed ``None``; a
+        ``gymnasium.logger`` warning names the worker, how it died and the new pid.
+
+        - During ``step``: the step returns normally. The group's envs come back with
+          ``truncated=True``, ``terminated=False``, reward ``0``, the fresh reset's
+          observation and ``infos["worker_restarted"]`` (masked by
+          ``infos["_worker_restarted"]``). Their last observation is lost, so there is no
+          ``final_obs`` for them in ``SameStep`` mode; in ``NextStep`` mode their next step
+          is an autoreset step, as after any truncation.
+        - During ``reset``, ``call``, ``get_attr`` or ``set_attr``: the lost results cannot
+          be made up, so the call raises :class:`~fastvec.errors.WorkerDiedError` with
+          ``restarted=True`` once the new worker is up. The vector env stays usable: repeat
+          the call (and ``reset`` before stepping if you need the new envs' observations).
+        - During construction and ``close`` nothing is restarted.
+        - If the new worker cannot start (an env function raises, or it dies too), the
+          vector env breaks as it does without this option.
+
+        Default ``False``: a dead worker makes the waiting call, or the next one, raise
+        :class:`~fastvec.errors.WorkerDiedError` (naming the worker, its envs, its pid and
+        exit code or signal) within a second; the vector env is broken and ``close()`` frees
+        every process and the segment.
+
+    Notes
+    -----
+    If the process that made the vector env dies, its workers exit within half a second
+    (at once on Linux when the env was made on the main thread) and multiprocessing's
+    resource tracker unlinks the segment. A vector env that is never closed is closed when
+    it is garbage-collected or at interpreter exit, silently.
     """
 
     def __init__(
@@ -215,9 +252,17 @@ class AsyncVectorEnv(VectorEnv):
         *,
         num_workers: int | None = None,
         pin_workers: bool | None = None,
+        restart_workers: bool = False,
     ) -> None:
         self._state = AsyncState.DEFAULT
         self._broken: WorkerDiedError | None = None
+        self.restart_workers = bool(restart_workers)
+        self._closing = False
+        self._restarting = False
+        # workers found dead during the current command, before it is resolved
+        self._lost: set[int] = set()
+        # replacements started during the current step: (worker, their reset reply)
+        self._replaced: list[tuple[int, Any]] = []
         self._resources = _Resources()
         self.closed = False
         self.env_fns = env_fns
@@ -342,29 +387,15 @@ class AsyncVectorEnv(VectorEnv):
         res.results = plan.result_arrays(buffer)
         self._doorbells = res.doorbells
         self._pending = plan.parent_line + P.PENDING
-        semaphore = (ctx.BoundedSemaphore(self.max_concurrency)
-                     if self.max_concurrency is not None else None)
+        self._ctx = ctx
+        self._semaphore = (ctx.BoundedSemaphore(self.max_concurrency)
+                           if self.max_concurrency is not None else None)
+        self._cores = sorted(_affinity())
         try:
-            with clear_mpi_env_vars():
-                cores = sorted(_affinity())
-                for w, group in enumerate(self._groups):
-                    core = cores[w % len(cores)] if self.pin_workers and cores else None
-                    parent_pipe, child_pipe = ctx.Pipe()
-                    env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
-                    process = ctx.Process(
-                        target=worker_main,
-                        name=f"Worker<{type(self).__name__}>-{w}",
-                        args=(w, group.start, env_fns, child_pipe, parent_pipe, plan,
-                              res.shm.name, self.autoreset_mode, self.shared_memory,
-                              semaphore, os.getpid(), core),
-                        daemon=self.daemon,
-                    )
-                    res.pipes.append(parent_pipe)
-                    try:
-                        process.start()
-                    finally:
-                        child_pipe.close()
-                    res.processes.append(process)  # only started processes can be joined
+            for w in range(self.num_workers):
+                process, parent_pipe = self._launch(w)
+                res.pipes.append(parent_pipe)
+                res.processes.append(process)  # only started processes can be joined
             errors = []
             for w in range(self.num_workers):
                 kind, data = self._recv(w)
@@ -377,6 +408,35 @@ class AsyncVectorEnv(VectorEnv):
             res.shutdown()
             self.closed = True
             raise
+
+    def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None) -> tuple:
+        """Start the process of worker ``w``; return it and the parent's end of its pipe."""
+        group = self._groups[w]
+        cores = self._cores
+        core = cores[w % len(cores)] if self.pin_workers and cores else None
+        with clear_mpi_env_vars():
+            parent_pipe, child_pipe = self._ctx.Pipe()
+            env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
+            process = self._ctx.Process(
+                target=worker_main,
+                name=f"Worker<{type(self).__name__}>-{w}",
+                args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
+                      self._resources.shm.name, self.autoreset_mode, self.shared_memory,
+                      self._semaphore, os.getpid(), core),
+                kwargs={
+                    "death_signal": threading.current_thread() is threading.main_thread(),
+                    "initial_reset": initial_reset,
+                },
+                daemon=self.daemon,
+            )
+            try:
+                process.start()
+            except BaseException:
+                parent_pipe.close()
+                raise
+            finally:
+                child_pipe.close()
+        return process, parent_pipe
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -408,7 +468,15 @@ class AsyncVectorEnv(VectorEnv):
         return RECYCLED_SLOTS
 
     def _ring(self, command: int, messages: list | None = None, slot: int = 0) -> None:
+        # pickled before any doorbell rings: a message that cannot be pickled raises here,
+        # with no worker left waiting for it
+        payloads = None
+        if messages is not None:
+            cache: dict[int, bytes] = {}  # call sends one message object to every worker
+            payloads = [cache.get(id(m)) or cache.setdefault(id(m), ForkingPickler.dumps(m))
+                        for m in messages]
         doorbells = self._doorbells
+        self._lost = set()
         doorbells.store(self._pending, self.num_workers)
         for w in range(self.num_workers):
             line = self._plan.worker_line(w)
@@ -416,24 +484,43 @@ class AsyncVectorEnv(VectorEnv):
             doorbells.store(line + P.CMD, command)
             doorbells.store(line + P.CMD_SEQ, (doorbells.load(line + P.CMD_SEQ) + 1) & 0xFFFFFFFF)
             doorbells.wake(line + P.CMD_SEQ, 1)
-            if messages is not None:
+            if payloads is not None:
                 # after the doorbell: the worker is reading, so a message larger than the
                 # pipe's buffer cannot block us
-                self._resources.pipes[w].send(messages[w])
+                try:
+                    self._resources.pipes[w].send_bytes(payloads[w])
+                except OSError:  # EPIPE: the worker is gone; the wait reports it
+                    self._mark_lost(w)
 
     def _wait_pending(self, timeout: float | None, name: str) -> list:
-        """Wait until every worker finished the command; return each worker's pipe reply."""
+        """Wait until every worker finished the command; return each worker's pipe reply.
+
+        A dead worker raises :class:`WorkerDiedError` within a wait slice. With
+        ``restart_workers`` (and a command a replacement can absorb), the wait goes on until
+        the other workers are done, then the dead ones are replaced; see ``_replace_lost``.
+        """
         doorbells = self._doorbells
         pending = self._pending
+        restart = self.restart_workers and not self._closing and name in _RESTARTABLE
+        lost = self._lost
+        if lost and not restart:
+            self._worker_died(min(lost))
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         spin_until = start + self._spin.budget()
+        # workers are checked every slice, also when other workers' progress woke us
+        next_check = start + P.WAIT_SLICE
         while True:
             value = doorbells.load(pending)
-            if value == 0:
+            if value == 0 or (lost and self._survivors_done()):
                 break
             now = time.monotonic()
-            wait = P.WAIT_SLICE
+            if now >= next_check:
+                self._check_workers(restart)
+                next_check = now + P.WAIT_SLICE
+            wait = next_check - now
+            if lost:  # nobody will wake us: poll the survivors' done marks
+                wait = min(wait, P.WAIT_SLICE / 10)
             if deadline is not None:
                 remaining = deadline - now
                 if remaining <= 0:
@@ -441,17 +528,30 @@ class AsyncVectorEnv(VectorEnv):
                         f"The call to `{name}_wait` has timed out after {timeout} second(s)."
                     )
                 wait = min(wait, remaining)
-            if not doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now),
-                                              True):
-                self._check_workers()
-        self._spin.record(time.monotonic() - start)
+            doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
+        if not lost:
+            self._spin.record(time.monotonic() - start)
         replies = [None] * self.num_workers
-        for w in range(self.num_workers):
-            if doorbells.load(self._plan.worker_line(w) + P.INFO_PENDING):
-                replies[w] = self._recv(w)
+        self._restarting = restart
+        try:
+            for w in range(self.num_workers):
+                if w not in lost and doorbells.load(self._plan.worker_line(w) + P.INFO_PENDING):
+                    replies[w] = self._recv(w)
+        finally:
+            self._restarting = False
+        if lost:
+            self._replace_lost(name)
         return replies
 
+    def _survivors_done(self) -> bool:
+        doorbells, line = self._doorbells, self._plan.worker_line
+        return all(doorbells.load(line(w) + P.DONE_SEQ) == doorbells.load(line(w) + P.CMD_SEQ)
+                   for w in range(self.num_workers) if w not in self._lost)
+
     def _recv(self, w: int) -> Any:
+        """The next message from worker ``w``. If it died first, raise WorkerDiedError, or,
+        while ``_wait_pending`` collects replies it may restart, mark it lost and return
+        ``None``."""
         pipe = self._resources.pipes[w]
         process = self._resources.processes[w]
         while True:
@@ -459,22 +559,35 @@ class AsyncVectorEnv(VectorEnv):
             if pipe in ready:
                 try:
                     return pipe.recv()
-                except EOFError:
+                except (EOFError, OSError):
                     pass
-                self._worker_died(w)
+                break
             if process.sentinel in ready:
                 if pipe.poll(0):
                     continue
-                self._worker_died(w)
+                break
+        if not self._restarting:
+            self._worker_died(w)
+        self._mark_lost(w)
+        return None
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, restart: bool = False) -> None:
         for w, process in enumerate(self._resources.processes):
-            if process.exitcode is not None:
-                self._worker_died(w)
+            if w not in self._lost and process.exitcode is not None:
+                if not restart:
+                    self._worker_died(w)
+                self._mark_lost(w)
 
-    def _worker_died(self, w: int) -> None:
+    def _mark_lost(self, w: int) -> None:
+        self._lost.add(w)
+        # at once: a survivor may be waiting for the permit before it can finish
+        self._release_permit(w)
+
+    def _death(self, w: int) -> tuple[str, WorkerDiedError]:
+        """Reap worker ``w`` and describe its end: ``(description, error)``; the error says
+        the vector env cannot continue."""
         process = self._resources.processes[w]
-        process.join(0.1)
+        process.join(0.5)  # it closed its pipe or sentinel: it is exiting, if not reaped yet
         code = process.exitcode
         group = self._groups[w]
         if code is None:
@@ -486,14 +599,100 @@ class AsyncVectorEnv(VectorEnv):
                 how = f"was killed by signal {-code}"
         else:
             how = f"exited with code {code}"
+        envs = (f"env {group.start}" if len(group) == 1
+                else f"envs {group.start}..{group.stop - 1}")
+        what = f"fastvec worker {w} (pid {process.pid}, {envs}) {how}"
         error = WorkerDiedError(
-            f"fastvec worker {w} (pid {process.pid}, envs {group.start}..{group.stop - 1}) "
-            f"{how}. The vector env cannot continue; close it and make a new one.",
+            f"{what}. The vector env cannot continue; close it and make a new one.",
             worker=w, env_indices=tuple(group), pid=process.pid, exitcode=code,
         )
+        return what, error
+
+    def _worker_died(self, w: int) -> None:
+        error = self._death(w)[1]
         self._broken = error
         self._state = AsyncState.DEFAULT
+        self._lost = set()
         raise error
+
+    def _replace_lost(self, name: str) -> None:
+        """Start a new worker for every lost one (``restart_workers=True``).
+
+        The new worker builds fresh envs from ``env_fns`` and resets them (seed ``None``)
+        before it serves. During a step it writes their observations into the step's slot
+        and the step reports them truncated (``step_wait`` reads ``self._replaced``); any
+        other command cannot make up the lost results, so it raises
+        :class:`WorkerDiedError` with ``restarted=True`` once the replacements are up.
+        """
+        res = self._resources
+        lost, self._lost = sorted(self._lost), set()
+        in_step = name == "step"
+        deaths = {w: self._death(w) for w in lost}
+        autoreset = in_step and self.autoreset_mode is AutoresetMode.NEXT_STEP
+        for w in lost:
+            self._release_permit(w)
+            res.pipes[w].close()
+            old = res.processes[w]
+            if old.exitcode is None:  # closed its pipe yet still running: make sure
+                old.kill()
+                old.join(1.0)
+            try:
+                res.processes[w], res.pipes[w] = self._launch(
+                    w, initial_reset=(in_step, autoreset))
+            except Exception as exc:  # cannot fork, say; shutdown joins the old one
+                what, died = deaths[w]
+                self._broken = WorkerDiedError(
+                    f"{what} during `{name}`, and its replacement could not be started: {exc}",
+                    worker=w, env_indices=died.env_indices, pid=died.pid,
+                    exitcode=died.exitcode)
+                self._state = AsyncState.DEFAULT
+                raise self._broken from exc
+            old.close()
+        self._replaced = []
+        restarted = []
+        for w in lost:
+            what, died = deaths[w]
+            kind, data = self._recv(w)  # a replacement that dies breaks the vector env
+            if kind == "init_error":
+                index, payload = data
+                cause = _rebuild_exception(*payload)
+                error = WorkerDiedError(
+                    f"{what} during `{name}`, and its replacement could not be started: env "
+                    f"{index} raised {type(cause).__name__}: {cause}. The vector env cannot "
+                    "continue; close it and make a new one.",
+                    worker=w, env_indices=died.env_indices, pid=died.pid,
+                    exitcode=died.exitcode)
+                self._broken = error
+                self._state = AsyncState.DEFAULT
+                raise error from cause
+            self._replaced.append((w, self._recv(w)))
+            pid = res.processes[w].pid
+            if in_step:
+                logger.warn(f"{what} during `step`; restarted it as pid {pid}. Its envs are "
+                            "fresh (reset with seed None): this step reports them truncated, "
+                            "with info `worker_restarted`.")
+            else:
+                restarted.append(WorkerDiedError(
+                    f"{what} during `{name}`; restarted it as pid {pid} with fresh envs (reset "
+                    f"with seed None). The `{name}` results are lost: call it again (after a "
+                    "`reset`, if you need the new envs' observations).",
+                    worker=w, env_indices=died.env_indices, pid=died.pid,
+                    exitcode=died.exitcode, restarted=True))
+        if not in_step:
+            self._replaced = []
+            self._state = AsyncState.DEFAULT
+            self._carry = None
+            raise restarted[0]
+
+    def _release_permit(self, w: int) -> None:
+        """Give back the max_concurrency permit a dead worker held."""
+        line = self._plan.worker_line(w)
+        if self._semaphore is not None and self._doorbells.load(line + P.PERMIT):
+            try:
+                self._semaphore.release()
+            except ValueError:  # it had not taken it after all
+                pass
+        self._doorbells.store(line + P.PERMIT, 0)
 
     def _raise_errors(self, errors: list) -> None:
         """Log every sub-env error the Gymnasium way and raise the last one."""
@@ -655,10 +854,32 @@ class AsyncVectorEnv(VectorEnv):
                 errors.extend(r_errors)
             if r_obs:
                 self._store_pipe_obs(r_obs)
+        replaced, self._replaced = self._replaced, []
+        if replaced:
+            infos = self._report_replaced(replaced, infos, errors)
         self._raise_errors(errors)
         rewards, terminations, truncations = self._resources.results
         return (self._observations(), rewards.copy(), terminations.copy(),
                 truncations.copy(), infos)
+
+    def _report_replaced(self, replaced: list, infos: dict, errors: list) -> dict:
+        """The envs of workers replaced during this step: truncated, reward 0, observation
+        from their fresh reset, info ``worker_restarted`` (plus, in SAME_STEP mode, the reset's
+        info, as for any reset there)."""
+        rewards, terminations, truncations = self._resources.results
+        same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
+        for w, (r_infos, r_errors, r_obs) in replaced:
+            group = self._groups[w]
+            rewards[group.start:group.stop] = 0.0
+            terminations[group.start:group.stop] = False
+            truncations[group.start:group.stop] = True
+            reset_infos = dict(r_infos) if same_step else {}
+            for i in group:
+                infos = self._add_info(infos, {**reset_infos.get(i, {}), "worker_restarted": True},
+                                       i)
+            errors.extend(r_errors)
+            self._store_pipe_obs(r_obs)
+        return infos
 
     def _store_pipe_obs(self, pipe_obs: list | None) -> None:
         if pipe_obs:
@@ -780,6 +1001,7 @@ class AsyncVectorEnv(VectorEnv):
             End the workers at once without closing the sub-environments.
         """
         res = self._resources
+        self._closing = True  # a worker that dies now is not replaced
         timeout = 0 if terminate else timeout
         healthy = self._broken is None and res.shm is not None
         try:

@@ -190,6 +190,7 @@ class Worker:
             doorbells.store(self.line + P.INFO_PENDING, 0 if reply is None else 1)
             if doorbells.add(self.pending, -1) == 0:
                 doorbells.wake(self.pending)
+            doorbells.store(self.line + P.DONE_SEQ, seq)
             if reply is not None:
                 # sent after the counter so a large reply can never deadlock the parent's wait
                 self.pipe.send_bytes(picklable_reply(reply, self.start))
@@ -211,6 +212,7 @@ class Worker:
         read_slot, write_slot = _kernels.read_slot, _kernels.write_slot
         rewards, terminations, truncations = self.rewards, self.terminations, self.truncations
         semaphore = self.semaphore
+        permit = self.line + P.PERMIT
         next_step = self.autoreset_mode is AutoresetMode.NEXT_STEP
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
@@ -221,6 +223,7 @@ class Worker:
             try:
                 if semaphore is not None:
                     semaphore.acquire()
+                    self.doorbells.store(permit, 1)
                 try:
                     if next_step and autoreset[j]:
                         obs, info = env.reset()
@@ -235,6 +238,7 @@ class Worker:
                                     **reset_info}
                 finally:
                     if semaphore is not None:
+                        self.doorbells.store(permit, 0)
                         semaphore.release()
                 if next_step:
                     autoreset[j] = bool(terminated or truncated)
@@ -262,9 +266,11 @@ class Worker:
             return None
         return (infos, errors, pipe_obs)
 
-    def reset_group(self, seeds: list, options: Any, mask: list[bool] | None) -> tuple:
+    def reset_group(self, seeds: list, options: Any, mask: list[bool] | None,
+                    publish: bool = True) -> tuple:
+        """Reset the envs (those in ``mask``); ``publish=False`` keeps the observations here."""
         infos, errors, pipe_obs = [], [], []
-        observations = self.observation_layout()
+        observations = self.observation_layout() if publish else None
         for j, env in enumerate(self.envs):
             i = self.start + j
             if mask is not None and not mask[j]:
@@ -274,17 +280,20 @@ class Worker:
             try:
                 if self.semaphore is not None:
                     self.semaphore.acquire()
+                    self.doorbells.store(self.line + P.PERMIT, 1)
                 try:
                     obs, info = env.reset(seed=seeds[j], options=options)
                 finally:
                     if self.semaphore is not None:
+                        self.doorbells.store(self.line + P.PERMIT, 0)
                         self.semaphore.release()
                 self.autoreset[j] = False
                 if observations is not None:
                     observations.write_slot(obs, i)
                 else:
                     self.last_obs[j] = obs
-                    pipe_obs.append((i, obs))
+                    if publish:
+                        pipe_obs.append((i, obs))
             except Exception as exc:
                 errors.append((i, error_payload(exc)))
                 continue
@@ -347,11 +356,24 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
                 segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                semaphore, parent_pid: int, core: int | None = None) -> None:
-    """Entry point of a worker process (picklable for spawn and forkserver)."""
+                semaphore, parent_pid: int, core: int | None = None, *,
+                death_signal: bool = True, initial_reset: tuple[bool, bool] | None = None
+                ) -> None:
+    """Entry point of a worker process (picklable for spawn and forkserver).
+
+    ``death_signal``: the vector env was made on its process's main thread, so the kernel may
+    kill this worker when the thread that started it ends. ``initial_reset``: this worker
+    replaces one that died; ``(publish, autoreset)`` says whether to reset the new envs
+    before serving (seed ``None``), write their observations into the current slot and send
+    the reset's reply after ``ready``, and whether their next step is an autoreset.
+    """
     # Ctrl-C goes to the whole process group; the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _set_parent_death_signal()
+    # Linux sends the signal when the *thread* that forked us ends: only safe when that is
+    # the main thread. A forkserver child's parent is the server's main thread. Otherwise the
+    # wait loop's parent check ends us within half a second of the parent.
+    if death_signal or os.getppid() != parent_pid:
+        _set_parent_death_signal()
     if core is not None:
         try:
             os.sched_setaffinity(0, {core})
@@ -370,9 +392,16 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
             except Exception as exc:
                 pipe.send(("init_error", (start + j, error_payload(exc))))
                 return
+        reply = None
+        if initial_reset is not None:
+            publish, autoreset = initial_reset
+            reply = worker.reset_group([None] * len(worker.envs), None, None, publish)
+            worker.autoreset = [autoreset] * len(worker.envs)
         # read before announcing readiness: the parent may ring as soon as it hears us
         seq = worker.doorbells.load(worker.line + P.CMD_SEQ)
         pipe.send(("ready", None))
+        if reply is not None:
+            pipe.send_bytes(picklable_reply(reply, start))
         worker.run(seq)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
