@@ -215,10 +215,14 @@ def make_atari_env() -> gym.Env:
     ``FrameStackObservation`` stacks the last 4 of those.
     """
     import ale_py
+    import cv2
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 
     # The emulator prints a banner on stderr per instance, which would tear the progress bar.
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+    # One thread per env process: with dozens of processes (gym-async), OpenCV's own pool
+    # would only add threads competing for the same cores.
+    cv2.setNumThreads(1)
     gym.register_envs(ale_py)
     env = gym.make(ATARI_ENV_ID, frameskip=1)
     return FrameStackObservation(AtariPreprocessing(env), stack_size=4)
