@@ -412,6 +412,8 @@ class AsyncVectorEnv(VectorEnv):
     def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None) -> tuple:
         """Start the process of worker ``w``; return it and the parent's end of its pipe."""
         group = self._groups[w]
+        shm = self._resources.shm
+        assert shm is not None
         cores = self._cores
         core = cores[w % len(cores)] if self.pin_workers and cores else None
         with clear_mpi_env_vars():
@@ -421,7 +423,7 @@ class AsyncVectorEnv(VectorEnv):
                 target=worker_main,
                 name=f"Worker<{type(self).__name__}>-{w}",
                 args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
-                      self._resources.shm.name, self.autoreset_mode, self.shared_memory,
+                      shm.name, self.autoreset_mode, self.shared_memory,
                       self._semaphore, os.getpid(), core),
                 kwargs={
                     "death_signal": threading.current_thread() is threading.main_thread(),
@@ -472,7 +474,7 @@ class AsyncVectorEnv(VectorEnv):
         # with no worker left waiting for it
         payloads = None
         if messages is not None:
-            cache: dict[int, bytes] = {}  # call sends one message object to every worker
+            cache: dict[int, Any] = {}  # call sends one message object to every worker
             payloads = [cache.get(id(m)) or cache.setdefault(id(m), ForkingPickler.dumps(m))
                         for m in messages]
         doorbells = self._doorbells
@@ -866,7 +868,9 @@ class AsyncVectorEnv(VectorEnv):
         """The envs of workers replaced during this step: truncated, reward 0, observation
         from their fresh reset, info ``worker_restarted`` (plus, in SAME_STEP mode, the reset's
         info, as for any reset there)."""
-        rewards, terminations, truncations = self._resources.results
+        results = self._resources.results
+        assert results is not None
+        rewards, terminations, truncations = results
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         for w, (r_infos, r_errors, r_obs) in replaced:
             group = self._groups[w]
