@@ -774,8 +774,11 @@ FORGETFUL_BODIES = {
 }
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-@pytest.mark.parametrize("ending", list(FORGETFUL_BODIES))
+@pytest.mark.parametrize(("ending", "context"), [
+    *((ending, "fork") for ending in FORGETFUL_BODIES),
+    ("end", "spawn"), ("pending_step", "spawn"),
+    ("end", "forkserver"),
+])
 def test_a_parent_that_forgets_close_exits_silently(ending, context):
     line, code = FORGETFUL_BODIES[ending]
     body = f"""
