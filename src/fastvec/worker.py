@@ -15,10 +15,12 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from multiprocessing import shared_memory
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+import numpy as np
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode
 
@@ -26,6 +28,7 @@ from fastvec import _protocol as P
 from fastvec import _kernels
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
+from fastvec.layout import _describe
 
 _FORBIDDEN_CALLS = ("reset", "step", "close", "_setattr", "_check_spaces")
 
@@ -64,6 +67,83 @@ def _unpicklable(what: str, index: int, exc: Exception) -> tuple[int, tuple]:
         raise TypeError(f"the {what} of env {index} cannot be pickled: {exc}") from exc
     except TypeError as error:
         return (index, error_payload(error))
+
+
+class _NotADict(TypeError):
+    """Raised in the step loop for an info that is not a mapping; explained by env_error."""
+
+
+_NOT_RETURNED = object()
+_REWARD_PROBE = np.zeros(1, np.float64)
+_FLAG_PROBE = np.zeros(1, np.bool_)
+
+
+def _returned(index: int, what: str, value: Any, cause: BaseException | None) -> Exception:
+    """``env <index> returned <what>: <value> (<cause>)``, a TypeError if ``cause`` is one."""
+    kind = TypeError if isinstance(cause, TypeError) else ValueError
+    if value is _NOT_RETURNED:  # the cause already describes the value
+        return kind(f"env {index} returned {what}: {cause}")
+    reason = "" if cause is None else f" ({cause})"
+    return kind(f"env {index} returned {what}: {_describe(value)}{reason}")
+
+
+def _explain(exc: BaseException, index: int, result: Any, step: bool) -> BaseException:
+    """The error to report for env ``index`` (the error path only, so the step stays fast).
+
+    An exception raised in the env's own code is reported as it is. One raised while storing
+    what the env returned (``result``: its step or reset return value) becomes a ValueError or
+    TypeError naming the env and the part of the result that Gymnasium cannot batch.
+    """
+    if isinstance(exc, _NotADict):
+        return _returned(index, "an info that is not a dict", exc.args[0], None)
+    inner = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    if inner is not None:
+        code = inner.tb_frame.f_code
+        if code.co_name == "write_slot" and code.co_filename.endswith(
+                ("layout.py", "_kernels.pyx")):
+            return _returned(index, "an observation that does not fit the observation space",
+                             _NOT_RETURNED, exc)
+        return exc  # raised in the env's code (or below it)
+    if result is _NOT_RETURNED:
+        return exc
+    if not step:
+        try:
+            _, _ = result
+        except Exception as error:
+            return _returned(index, "a reset result that is not (obs, info)", result, error)
+        return exc
+    try:
+        _, reward, terminated, truncated, _ = result
+    except Exception as error:
+        return _returned(index, "a step result that is not (obs, reward, terminated, "
+                         "truncated, info)", result, error)
+    try:
+        _REWARD_PROBE[0] = reward
+    except Exception as error:
+        return _returned(index, "a reward that is not a real number", reward, error)
+    for name, flag in (("terminated", terminated), ("truncated", truncated)):
+        try:
+            _FLAG_PROBE[0] = flag
+            bool(flag)
+        except Exception as error:
+            return _returned(index, f"a `{name}` flag that is not a bool", flag, error)
+    return exc
+
+
+def env_error(exc: BaseException, index: int, result: Any = _NOT_RETURNED,
+              step: bool = True) -> tuple[int, tuple]:
+    """``(index, payload)`` for an exception raised while env ``index`` ran (see _explain)."""
+    explained = _explain(exc, index, result, step)
+    if explained is exc:
+        return (index, error_payload(exc))
+    try:
+        raise explained from exc
+    except Exception as error:
+        return (index, error_payload(error))
+    finally:
+        # the raise made a cycle (this frame <-> explained's traceback) that would keep
+        # ``exc`` and so the step loop's frame, with its views into the segment, alive
+        explained = exc = None
 
 
 def _keep_picklable(entries: list | None, errors: list, what: str) -> list | None:
@@ -121,9 +201,9 @@ class Worker:
         self.pending = plan.parent_line + P.PENDING
 
         self.shm = _attach(segment_name)
+        plan.check_header(self.shm.buf)  # before any use: only our parent's segment will do
         self.doorbells = Doorbells(self.shm.buf)
         self.segment = Segment(self.shm.buf)
-        plan.check_header(self.shm.buf)
         plan.bind(self.segment, self.shm.buf)
         self.rewards, self.terminations, self.truncations = plan.result_arrays(self.shm.buf)
 
@@ -217,6 +297,7 @@ class Worker:
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
         infos = errors = pipe_obs = None
+        result = _NOT_RETURNED
         i = self.start - 1
         for j, env in enumerate(self.envs):
             i += 1
@@ -226,11 +307,12 @@ class Worker:
                     self.doorbells.store(permit, 1)
                 try:
                     if next_step and autoreset[j]:
+                        result = _NOT_RETURNED
                         obs, info = env.reset()
                         reward, terminated, truncated = 0.0, False, False
                     else:
-                        obs, reward, terminated, truncated, info = env.step(
-                            read_slot(action_root, i))
+                        result = env.step(read_slot(action_root, i))
+                        obs, reward, terminated, truncated, info = result
                         if same_step and (terminated or truncated):
                             final_obs, final_info = obs, info
                             obs, reset_info = env.reset()
@@ -253,10 +335,12 @@ class Worker:
                 rewards[i] = reward
                 terminations[i] = terminated
                 truncations[i] = truncated
+                if type(info) is not dict and not isinstance(info, Mapping):
+                    raise _NotADict(info)
             except Exception as exc:
                 if errors is None:
                     errors = []
-                errors.append((i, error_payload(exc)))
+                errors.append(env_error(exc, i, result))
                 continue
             if info:
                 if infos is None:
@@ -270,6 +354,7 @@ class Worker:
                     publish: bool = True) -> tuple:
         """Reset the envs (those in ``mask``); ``publish=False`` keeps the observations here."""
         infos, errors, pipe_obs = [], [], []
+        result = _NOT_RETURNED
         observations = self.observation_layout() if publish else None
         for j, env in enumerate(self.envs):
             i = self.start + j
@@ -282,7 +367,8 @@ class Worker:
                     self.semaphore.acquire()
                     self.doorbells.store(self.line + P.PERMIT, 1)
                 try:
-                    obs, info = env.reset(seed=seeds[j], options=options)
+                    result = env.reset(seed=seeds[j], options=options)
+                    obs, info = result
                 finally:
                     if self.semaphore is not None:
                         self.doorbells.store(self.line + P.PERMIT, 0)
@@ -294,8 +380,10 @@ class Worker:
                     self.last_obs[j] = obs
                     if publish:
                         pipe_obs.append((i, obs))
+                if type(info) is not dict and not isinstance(info, Mapping):
+                    raise _NotADict(info)
             except Exception as exc:
-                errors.append((i, error_payload(exc)))
+                errors.append(env_error(exc, i, result, step=False))
                 continue
             if info:
                 infos.append((i, info))
@@ -383,8 +471,12 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
         parent_pipe.close()
     worker = None
     try:
-        worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_name,
-                        autoreset_mode, shared_memory_obs, semaphore, parent_pid)
+        try:
+            worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_name,
+                            autoreset_mode, shared_memory_obs, semaphore, parent_pid)
+        except Exception as exc:  # a segment that is not our parent's, say: tell the parent
+            pipe.send(("init_error", (start, error_payload(exc))))
+            return
         worker.doorbells.store(worker.line + P.STATUS, P.STATUS_READY)
         for j, fn in enumerate(worker.env_fns):
             try:
