@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 from gymnasium import spaces
@@ -10,8 +11,9 @@ from gymnasium import spaces
 from fastvec.layout import ALIGNMENT, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 1
-HEADER = struct.Struct("<QIIIIQ")  # magic, version, num_envs, num_workers, reserved, total bytes
+LAYOUT_VERSION = 2
+# magic, layout version, num_envs, num_workers, layout digest, total bytes
+HEADER = struct.Struct("<QIIIIQ")
 
 LINE = ALIGNMENT
 # Offsets inside one worker's control line.
@@ -96,6 +98,12 @@ class SegmentPlan:
         self.truncations = cursor
         cursor += align(num_envs)
         self.nbytes = cursor
+        # Every offset, dtype and shape: two plans that place anything differently differ here.
+        geometry = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
+                    for layout in (self.actions, *self.observation_slots)
+                    for leaf in layout.leaves]
+        geometry.append((self.rewards, self.terminations, self.truncations, self.nbytes))
+        self.digest = zlib.crc32(repr(geometry).encode())
 
     def bind(self, segment, buffer) -> None:
         """Build every layout's views over ``buffer``."""
@@ -121,15 +129,34 @@ class SegmentPlan:
         return LINE * (1 + self.num_workers)
 
     def write_header(self, buffer) -> None:
-        HEADER.pack_into(buffer, 0, MAGIC, LAYOUT_VERSION, self.num_envs, self.num_workers, 0,
-                         self.nbytes)
+        HEADER.pack_into(buffer, 0, MAGIC, LAYOUT_VERSION, self.num_envs, self.num_workers,
+                         self.digest, self.nbytes)
 
     def check_header(self, buffer) -> None:
-        magic, version, num_envs, num_workers, _, nbytes = HEADER.unpack_from(buffer, 0)
-        if magic != MAGIC or version != LAYOUT_VERSION:
-            raise RuntimeError("the shared-memory segment is not a fastvec segment of this version")
-        if (num_envs, num_workers, nbytes) != (self.num_envs, self.num_workers, self.nbytes):
-            raise RuntimeError("the shared-memory segment does not match this vector env's layout")
+        """Refuse a segment that this plan's parent did not lay out (checked before any use)."""
+        if len(buffer) < max(HEADER.size, self.nbytes):
+            raise RuntimeError(
+                f"the shared-memory segment is too small: {len(buffer)} bytes, this vector "
+                f"env's layout needs {self.nbytes}"
+            )
+        magic, version, num_envs, num_workers, digest, nbytes = HEADER.unpack_from(buffer, 0)
+        if magic != MAGIC:
+            raise RuntimeError(
+                f"the shared-memory segment is not a fastvec segment (magic {magic:#x}, "
+                f"expected {MAGIC:#x})"
+            )
+        if version != LAYOUT_VERSION:
+            raise RuntimeError(
+                f"the shared-memory segment has fastvec layout version {version}, this fastvec "
+                f"reads version {LAYOUT_VERSION}: parent and workers must run the same fastvec"
+            )
+        found = (num_envs, num_workers, digest, nbytes)
+        expected = (self.num_envs, self.num_workers, self.digest, self.nbytes)
+        if found != expected:
+            raise RuntimeError(
+                "the shared-memory segment does not match this vector env's layout: "
+                f"(num_envs, num_workers, layout digest, bytes) is {found}, expected {expected}"
+            )
 
     def result_arrays(self, buffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rewards, terminations and truncations over the segment.
