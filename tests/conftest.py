@@ -33,6 +33,16 @@ SEGMENT_PREFIX = "fastvec_"
 CHILD_GRACE_SECONDS = 2.0
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stress tests are long: they run only when asked for, with ``-m stress``."""
+    if "stress" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="stress test: run it with `-m stress`")
+    for item in items:
+        if item.get_closest_marker("stress") is not None:
+            item.add_marker(skip)
+
+
 def segment_name() -> str:
     """A fresh segment name in fastvec's namespace."""
     return SEGMENT_PREFIX + secrets.token_hex(8)
