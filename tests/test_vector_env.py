@@ -32,6 +32,8 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.vector.utils import batch_space
 
 import envs as test_envs
+from conftest import _created_here as created_here
+from conftest import fastvec_segments
 import fastvec
 from fastvec.errors import RemoteTraceback
 
@@ -611,7 +613,8 @@ def test_max_concurrency():
 
 
 def _segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("fastvec_")}
+    """The fastvec segments in /dev/shm that this process created (others may run tests too)."""
+    return fastvec_segments() & created_here
 
 
 def test_constructor_failures_free_workers_and_segment():
