@@ -710,6 +710,22 @@ class AsyncVectorEnv(VectorEnv):
         logger.error("Raising the last exception back to the main process.")
         raise exception
 
+    def _assert_not_pending(self, method: str, end: str = ".") -> None:
+        """Gymnasium's ``AlreadyPendingCallError`` if a call is pending (its wording, too)."""
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `{method}` while waiting for a pending call to "
+                f"`{self._state.value}` to complete{end}",
+                str(self._state.value),
+            )
+
+    def _assert_pending(self, state: AsyncState, method: str, start: str) -> None:
+        """Gymnasium's ``NoAsyncCallError`` unless ``state`` is the pending call."""
+        if self._state != state:
+            raise NoAsyncCallError(
+                f"Calling `{method}` without any prior call to `{start}`.", state.value
+            )
+
     def _assert_is_running(self) -> None:
         if self.closed:
             raise ClosedEnvironmentError(
@@ -738,12 +754,7 @@ class AsyncVectorEnv(VectorEnv):
                 f"If seeds are passed as a list the length must match num_envs={self.num_envs}"
                 f" but got length={len(seed)}."
             )
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `reset_async` while waiting for a pending call to "
-                f"`{self._state.value}` to complete",
-                str(self._state.value),
-            )
+        self._assert_not_pending("reset_async", end="")
         mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)
@@ -781,11 +792,7 @@ class AsyncVectorEnv(VectorEnv):
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
         """Wait for the reset sent by :meth:`reset_async` and return ``(observations, infos)``."""
         self._assert_is_running()
-        if self._state != AsyncState.WAITING_RESET:
-            raise NoAsyncCallError(
-                "Calling `reset_wait` without any prior call to `reset_async`.",
-                AsyncState.WAITING_RESET.value,
-            )
+        self._assert_pending(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
         replies = self._wait_pending(timeout, "reset")
         self._state = AsyncState.DEFAULT
         if self._carry is not None:
@@ -817,12 +824,7 @@ class AsyncVectorEnv(VectorEnv):
         worker sees it; the env stays usable.
         """
         self._assert_is_running()
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `step_async` while waiting for a pending call to "
-                f"`{self._state.value}` to complete.",
-                str(self._state.value),
-            )
+        self._assert_not_pending("step_async")
         self._plan.actions.write_batch(actions)
         self._slot = self._choose_slot()
         self._ring(P.CMD_STEP, slot=self._slot)
@@ -836,11 +838,7 @@ class AsyncVectorEnv(VectorEnv):
         to complete it.
         """
         self._assert_is_running()
-        if self._state != AsyncState.WAITING_STEP:
-            raise NoAsyncCallError(
-                "Calling `step_wait` without any prior call to `step_async`.",
-                AsyncState.WAITING_STEP.value,
-            )
+        self._assert_pending(AsyncState.WAITING_STEP, "step_wait", "step_async")
         replies = self._wait_pending(timeout, "step")
         self._state = AsyncState.DEFAULT
         infos: dict[str, Any] = {}
@@ -913,23 +911,14 @@ class AsyncVectorEnv(VectorEnv):
     def call_async(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Send ``call(name, *args, **kwargs)`` to every sub-environment."""
         self._assert_is_running()
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `call_async` while waiting for a pending call to "
-                f"`{self._state.value}` to complete.",
-                str(self._state.value),
-            )
+        self._assert_not_pending("call_async")
         self._ring(P.CMD_PIPE, [("call", (name, args, kwargs))] * self.num_workers)
         self._state = AsyncState.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         """Wait for the call sent by :meth:`call_async`; one result per sub-environment."""
         self._assert_is_running()
-        if self._state != AsyncState.WAITING_CALL:
-            raise NoAsyncCallError(
-                "Calling `call_wait` without any prior call to `call_async`.",
-                AsyncState.WAITING_CALL.value,
-            )
+        self._assert_pending(AsyncState.WAITING_CALL, "call_wait", "call_async")
         replies = self._wait_pending(timeout, "call")
         self._state = AsyncState.DEFAULT
         return self._gather_results(replies)
@@ -957,12 +946,7 @@ class AsyncVectorEnv(VectorEnv):
                 "Values must be a list or tuple with length equal to the number of "
                 f"environments. Got `{len(values)}` values for {self.num_envs} environments."
             )
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `set_attr` while waiting for a pending call to "
-                f"`{self._state.value}` to complete.",
-                str(self._state.value),
-            )
+        self._assert_not_pending("set_attr")
         self._ring(P.CMD_PIPE, [("setattr", (name, list(values[g.start:g.stop])))
                                 for g in self._groups])
         self._gather_results(self._wait_pending(None, "set_attr"))
