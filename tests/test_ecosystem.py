@@ -268,10 +268,13 @@ def test_make_by_id_in_a_spawned_worker_names_the_missing_env(register, context:
     env_id = register("ParentOnlyLookup-v0", entry_point=CartPoleEnv)
     # the parent makes one env itself (to read the spaces), which finds the id
     with pytest.warns(UserWarning) as logged:  # gymnasium.logger.error warns
-        with pytest.raises(gym.error.NameNotFound, match="ParentOnlyLookup"):
+        with pytest.raises(gym.error.NameNotFound, match="ParentOnlyLookup") as excinfo:
             fastvec.AsyncVectorEnv([lambda: gym.make(env_id)] * 2, context=context,
                                    num_workers=1)
     assert any("Received the following error from Worker-0" in str(w.message) for w in logged)
+    # and it says what to do about it
+    hint = "".join(getattr(excinfo.value, "__notes__", [])) + str(excinfo.value)
+    assert "fastvec.make_vec" in hint and "context='fork'" in hint
 
 
 # -- gymnasium.utils.performance -------------------------------------------------------------

@@ -17,6 +17,7 @@ from multiprocessing import connection, shared_memory
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+import gymnasium
 import numpy as np
 from gymnasium import Env, Space, logger
 from gymnasium.error import (
@@ -402,7 +403,12 @@ class AsyncVectorEnv(VectorEnv):
                 if kind == "init_error":
                     errors.append(data)
             if errors:
-                self._raise_errors(errors)
+                try:
+                    self._raise_errors(errors)
+                except _UNREGISTERED as exc:
+                    if ctx.get_start_method() != "fork":
+                        _add_note(exc, _UNREGISTERED_HINT)
+                    raise
         except BaseException:
             res.terminate_workers()
             res.shutdown()
@@ -1028,6 +1034,23 @@ class AsyncVectorEnv(VectorEnv):
     def __del__(self) -> None:
         if not getattr(self, "closed", True) and hasattr(self, "_state"):
             self.close(terminate=True)
+
+
+# An env registered only in the parent is unknown to spawn and forkserver workers.
+_UNREGISTERED = (gymnasium.error.NameNotFound, gymnasium.error.NamespaceNotFound,
+                 gymnasium.error.VersionNotFound)
+_UNREGISTERED_HINT = (
+    "spawn and forkserver workers re-import modules but never see a `gymnasium.register()` "
+    "made only in the parent: use `fastvec.make_vec(id, ...)` (it sends the EnvSpec), "
+    "register the env in a module that the env function imports, or use context='fork'."
+)
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(note)
+    else:
+        exc.args = (f"{exc.args[0] if exc.args else ''}\n{note}", *exc.args[1:])
 
 
 def _finalize(resources: _Resources) -> None:
