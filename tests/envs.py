@@ -207,3 +207,19 @@ class UnpicklableInfoEnv(gym.Env):
 
     def get_lock(self) -> Any:
         return threading.Lock() if self.bad else "fine"
+
+
+class BrokenStrError(RuntimeError):
+    """An exception whose ``str()`` itself raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this error")
+
+
+class BrokenStrEnv(UnpicklableInfoEnv):
+    """Raises :class:`BrokenStrError` from ``step`` when ``bad``."""
+
+    def step(self, action):
+        if self.bad:
+            raise BrokenStrError()
+        return super().step(action)

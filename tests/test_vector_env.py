@@ -1043,3 +1043,31 @@ def test_a_step_pickles_nothing_without_infos_or_errors(monkeypatch):
             assert infos == {}
         assert episodes_ended > 0
         assert received == []
+
+
+def test_masked_reset_ignores_edits_to_returned_arrays():
+    # with copy=True the caller owns what it got: editing it must not leak into later resets
+    fns = [functools.partial(test_envs.SpaceEnv, ARRAY_SPACE, index=i, episode_len=(50, 60))
+           for i in range(2)]
+    with fastvec.AsyncVectorEnv(fns, copy=True, num_workers=2,
+                                autoreset_mode=DISABLED) as envs:
+        envs.reset(seed=0)
+        obs = envs.step(envs.action_space.sample())[0]
+        expected = copy_module.deepcopy(obs)
+        obs["x"] *= -1
+        del obs
+        mask = np.array([True, False])
+        again, _ = envs.reset(seed=1, options={"reset_mask": mask})
+        np.testing.assert_array_equal(again["x"][1], expected["x"][1])
+
+
+
+def test_an_exception_whose_str_fails_does_not_kill_the_worker():
+    fns = [functools.partial(test_envs.BrokenStrEnv, bad=i == 0) for i in range(2)]
+    with fastvec.AsyncVectorEnv(fns, num_workers=1) as envs:
+        envs.reset(seed=0)
+        with pytest.warns(UserWarning):
+            with pytest.raises(test_envs.BrokenStrError):
+                envs.step(np.zeros(2, np.int64))
+        assert all(p.is_alive() for p in envs._resources.processes)
+        assert envs.get_attr("bad") == (True, False)

@@ -251,11 +251,6 @@ class Layout:
         """Whether anyone but the layout still refers to a leaf array or a view of one."""
         return _refcounts(self._bound) != self._baseline
 
-    def copy_rows(self, source: Layout, rows: np.ndarray) -> None:
-        """Copy the ``rows`` (env indices or a mask) of every leaf from ``source``."""
-        for mine, theirs in zip(self._bound, source._bound):
-            mine.batch_view[rows] = theirs.batch_view[rows]
-
     @property
     def segment(self) -> Segment:
         if self._segment is None:
@@ -294,6 +289,8 @@ class Layout:
 
     def read_slot(self, env: int, copy: bool = True) -> Any:
         """One env's sample, as ``gymnasium.vector.utils.iterate`` would give it."""
+        if not 0 <= env < self.n:
+            raise IndexError(f"env index {env} out of range for {self.n} environments")
         return _kernels.read_slot(self.root, env, copy)
 
 

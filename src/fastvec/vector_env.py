@@ -354,7 +354,6 @@ class AsyncVectorEnv(VectorEnv):
         # the observation slot the last reset/step wrote, and whether it must be copied out
         self._slot = 0
         self._copy_out = not copy
-        self._carry: tuple[int, np.ndarray] | None = None
         self._groups = split_groups(self.num_envs, self.num_workers)
         if shared_memory:
             self.observations = None
@@ -543,8 +542,10 @@ class AsyncVectorEnv(VectorEnv):
         self._restarting = restart
         try:
             for w in range(self.num_workers):
-                if w not in lost and doorbells.load(self._plan.worker_line(w) + P.INFO_PENDING):
+                flag = self._plan.worker_line(w) + P.INFO_PENDING
+                if w not in lost and doorbells.load(flag):
                     replies[w] = self._recv(w)
+                    doorbells.store(flag, 0)  # read: waiting again must not read it twice
         finally:
             self._restarting = False
         if lost:
@@ -689,7 +690,6 @@ class AsyncVectorEnv(VectorEnv):
         if not in_step:
             self._replaced = []
             self._state = AsyncState.DEFAULT
-            self._carry = None
             raise restarted[0]
 
     def _release_permit(self, w: int) -> None:
@@ -788,11 +788,8 @@ class AsyncVectorEnv(VectorEnv):
                        None if mask is None else [bool(m) for m in mask[g.start:g.stop]]))
             for g in self._groups
         ]
-        previous = self._slot
         self._slot = self._choose_slot()
         self._ring(P.CMD_PIPE, messages, self._slot)
-        # envs outside the mask keep their observation: carry it into the new slot
-        self._carry = None if mask is None or self._slot == previous else (previous, ~mask)
         self._state = AsyncState.WAITING_RESET
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
@@ -801,11 +798,6 @@ class AsyncVectorEnv(VectorEnv):
         self._assert_pending(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
         replies = self._wait_pending(timeout, "reset")
         self._state = AsyncState.DEFAULT
-        if self._carry is not None:
-            slots = self._plan.observation_slots
-            if slots:
-                slots[self._slot].copy_rows(slots[self._carry[0]], self._carry[1])
-            self._carry = None
         infos: dict[str, Any] = {}
         errors: list = []
         for reply in replies:

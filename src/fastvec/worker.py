@@ -59,7 +59,11 @@ def error_payload(exc: BaseException) -> tuple[Any, ...]:
         type_blob = pickle.dumps(type(exc))
     except Exception:
         type_blob = None
-    return (blob, type_blob, type(exc).__qualname__, str(exc), trace)
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not take the worker down
+        message = f"<{type(exc).__name__}: str() failed>"
+    return (blob, type_blob, type(exc).__qualname__, message, trace)
 
 
 def _unpicklable(what: str, index: int, exc: Exception) -> tuple[int, tuple]:
@@ -296,6 +300,7 @@ class Worker:
         next_step = self.autoreset_mode is AutoresetMode.NEXT_STEP
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
+        last_obs = self.last_obs
         infos = errors = pipe_obs = None
         result = _NOT_RETURNED
         i = self.start - 1
@@ -324,11 +329,12 @@ class Worker:
                         semaphore.release()
                 if next_step:
                     autoreset[j] = bool(terminated or truncated)
+                # kept for a masked reset, which rewrites the envs it skips into its slot
+                last_obs[j] = obs
                 if obs_root is not None:
                     if not write_slot(segment, obs_root, obs, i):
                         observations.write_slot(obs, i)  # converts, or names the bad leaf
                 else:
-                    self.last_obs[j] = obs
                     if pipe_obs is None:
                         pipe_obs = []
                     pipe_obs.append((i, obs))
@@ -359,8 +365,11 @@ class Worker:
         for j, env in enumerate(self.envs):
             i = self.start + j
             if mask is not None and not mask[j]:
+                # an env left alone keeps its observation, whichever slot this reset writes
                 if observations is None:
                     pipe_obs.append((i, self.last_obs[j]))
+                elif self.last_obs[j] is not None:
+                    observations.write_slot(self.last_obs[j], i)
                 continue
             try:
                 if self.semaphore is not None:
@@ -374,10 +383,10 @@ class Worker:
                         self.doorbells.store(self.line + P.PERMIT, 0)
                         self.semaphore.release()
                 self.autoreset[j] = False
+                self.last_obs[j] = obs
                 if observations is not None:
                     observations.write_slot(obs, i)
                 else:
-                    self.last_obs[j] = obs
                     if publish:
                         pipe_obs.append((i, obs))
                 if type(info) is not dict and not isinstance(info, Mapping):
