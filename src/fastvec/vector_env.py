@@ -798,14 +798,7 @@ class AsyncVectorEnv(VectorEnv):
         self._assert_pending(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
         replies = self._wait_pending(timeout, "reset")
         self._state = AsyncState.DEFAULT
-        infos: dict[str, Any] = {}
-        errors: list = []
-        for reply in replies:
-            r_infos, r_errors, r_obs = reply
-            for i, info in r_infos:
-                infos = self._add_info(infos, info, i)
-            errors.extend(r_errors)
-            self._store_pipe_obs(r_obs)
+        infos, errors = self._merge_replies(replies)
         self._raise_errors(errors)
         return self._observations(), infos
 
@@ -839,10 +832,22 @@ class AsyncVectorEnv(VectorEnv):
         self._assert_pending(AsyncState.WAITING_STEP, "step_wait", "step_async")
         replies = self._wait_pending(timeout, "step")
         self._state = AsyncState.DEFAULT
+        infos, errors = self._merge_replies(replies)
+        replaced, self._replaced = self._replaced, []
+        if replaced:
+            infos = self._report_replaced(replaced, infos, errors)
+        self._raise_errors(errors)
+        rewards, terminations, truncations = self._resources.results
+        return (self._observations(), rewards.copy(), terminations.copy(),
+                truncations.copy(), infos)
+
+    def _merge_replies(self, replies: list) -> tuple[dict[str, Any], list]:
+        """Batch the infos of a reset or step's replies (in env order), collect their errors
+        and keep the observations that came by pipe."""
         infos: dict[str, Any] = {}
         errors: list = []
         for reply in replies:
-            if reply is None:
+            if reply is None:  # nothing to report: the common step
                 continue
             r_infos, r_errors, r_obs = reply
             if r_infos:
@@ -852,13 +857,7 @@ class AsyncVectorEnv(VectorEnv):
                 errors.extend(r_errors)
             if r_obs:
                 self._store_pipe_obs(r_obs)
-        replaced, self._replaced = self._replaced, []
-        if replaced:
-            infos = self._report_replaced(replaced, infos, errors)
-        self._raise_errors(errors)
-        rewards, terminations, truncations = self._resources.results
-        return (self._observations(), rewards.copy(), terminations.copy(),
-                truncations.copy(), infos)
+        return infos, errors
 
     def _report_replaced(self, replaced: list, infos: dict, errors: list) -> dict:
         """The envs of workers replaced during this step: truncated, reward 0, observation
