@@ -17,10 +17,44 @@ import numpy as np
 from gymnasium import spaces
 
 
+def _numbers(value: Any) -> list[float]:
+    """Every number in a sample, in order (Graph, Sequence and custom samples included)."""
+    if isinstance(value, spaces.GraphInstance):
+        parts = [value.nodes, value.edges, value.edge_links]
+        return [x for part in parts if part is not None for x in _numbers(part)]
+    if isinstance(value, dict):
+        return [x for item in value.values() for x in _numbers(item)]
+    if isinstance(value, (tuple, list)):
+        return [x for item in value for x in _numbers(item)]
+    if isinstance(value, str):
+        return [float(ord(c)) for c in value]
+    return [float(x) for x in np.asarray(value, dtype=np.float64).ravel()]
+
+
 def _action_code(space: spaces.Space, action: Any) -> float:
     """A number that depends on every part of ``action`` (so a misdelivered action shows)."""
-    flat = np.asarray(spaces.flatten(space, action), dtype=np.float64).ravel()
+    flat = np.asarray(_numbers(action), dtype=np.float64)
     return float(np.dot(flat, np.arange(1, flat.size + 1)))
+
+
+class PairSpace(spaces.Space):
+    """A custom space fastvec has no layout for: a pair (int in [0, 4), float32 array (2,))."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__(None, None, seed)
+
+    def sample(self, mask: Any = None, probability: Any = None) -> tuple:
+        return (int(self.np_random.integers(4)),
+                self.np_random.random(2).astype(np.float32))
+
+    def contains(self, x: Any) -> bool:
+        return (isinstance(x, tuple) and len(x) == 2 and 0 <= int(x[0]) < 4
+                and np.asarray(x[1]).shape == (2,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PairSpace)
+
+    __hash__ = spaces.Space.__hash__
 
 
 class SpaceEnv(gym.Env):
@@ -110,6 +144,24 @@ class SpaceEnv(gym.Env):
     def slow(self, seconds: float) -> int:
         time.sleep(seconds)
         return self.index
+
+
+class ActionEchoEnv(gym.Env):
+    """Reports the type of each action it receives in its info (``action_type``)."""
+
+    def __init__(self, obs_space: spaces.Space, action_space: spaces.Space) -> None:
+        self.observation_space = copy.deepcopy(obs_space)
+        self.action_space = copy.deepcopy(action_space)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.observation_space.seed(int(self.np_random.integers(2**31)))
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"bad action {action!r}"
+        return (self.observation_space.sample(), float(action), False, False,
+                {"action_type": type(action).__name__})
 
 
 class FailError(RuntimeError):

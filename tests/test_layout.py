@@ -93,7 +93,9 @@ def boxes(draw) -> Box:
 
 @st.composite
 def discretes(draw) -> Discrete:
-    return Discrete(draw(st.integers(1, 10)), start=draw(st.integers(-10, 10)))
+    dtype = draw(st.sampled_from(INT_DTYPES))
+    start = draw(st.integers(0 if dtype.kind == "u" else -10, 10))
+    return Discrete(draw(st.integers(1, 10)), start=start, dtype=dtype)
 
 
 @st.composite
@@ -339,6 +341,39 @@ def test_int64_leaf_accepts_every_int64_flavour() -> None:
                             "u": np.ones((2, 2), np.ulonglong)})
         assert_equivalent(layout.read_slot(0), {"box": np.ones(3, np.int64),
                                                 "u": np.ones(2, np.uint64)})
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+def test_discrete_keeps_its_dtype(dtype: np.dtype) -> None:
+    # Gymnasium batches Discrete(..., dtype) as MultiDiscrete of that dtype: observations,
+    # actions and each env's row keep it, whether written as a numpy scalar or a plain int
+    start = 1 if dtype.kind == "u" else -2
+    space = Discrete(5, start=start, dtype=dtype, seed=3)
+    samples = [space.sample() for _ in range(3)]
+    assert all(sample.dtype == dtype for sample in samples)
+    with bound_layout(space, 3) as (layout, _):
+        assert layout.leaves[0].dtype == dtype
+        for env, sample in enumerate(samples):
+            layout.write_slot(sample if env % 2 else int(sample), env)
+        assert_equivalent(layout.read_batch(), expected_batch(space, samples))
+        for env, row in enumerate(expected_rows(space, samples)):
+            assert_equivalent(layout.read_slot(env), row)
+        with pytest.raises(ValueError, match=re.escape(f"in [{start}, {start + 4}]")):
+            layout.write_slot(start + 5, 0)
+    batched = batch_space(space, 3)
+    with bound_layout(space, 3, check_range=False, path="actions") as (layout, _):
+        batch = batched.sample()
+        layout.write_batch(batch)
+        assert_equivalent(layout.read_batch(), batch)
+        for env, row in enumerate(iterate(batched, batch)):
+            assert_equivalent(layout.read_slot(env), row)
+        # an action outside the space reaches the env (it checks), one outside the dtype not
+        info = np.iinfo(dtype)
+        low, high = max(int(info.min), -(2**63)), min(int(info.max), 2**63 - 1)
+        layout.write_slot(high, 0)
+        assert layout.read_slot(0) == high and layout.read_slot(0).dtype == dtype
+        with pytest.raises(ValueError, match=re.escape(f"in [{low}, {high}]")):
+            layout.write_slot(low - 1, 1)
 
 
 @pytest.mark.parametrize("value", [
@@ -717,8 +752,12 @@ def test_write_batch_of_text_needs_one_string_per_env() -> None:
     OneOf([Discrete(2), Graph(node_space=Discrete(2), edge_space=None)]),
 ], ids=["graph", "sequence", "sequence in dict", "graph in oneof"])
 def test_dynamic_spaces_are_refused_with_advice(space: Space) -> None:
-    with pytest.raises(TypeError, match="has a dynamic shape") as excinfo:
+    with pytest.raises(fastvec.layout.DynamicShapeError) as excinfo:
         Layout(space, 2)
+    assert isinstance(excinfo.value, TypeError)
+    # Gymnasium's own sentence for the case, then fastvec's advice
+    assert "has a dynamic shape so its not possible to make a static shared memory" in str(
+        excinfo.value)
     assert "shared_memory=False" in str(excinfo.value)
 
 

@@ -17,8 +17,10 @@ import copy as copy_module
 import functools
 import multiprocessing
 import os
+import pickle
 import re
 import time
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -29,7 +31,7 @@ from gymnasium import spaces
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
-from gymnasium.vector.utils import batch_space
+from gymnasium.vector.utils import batch_space, iterate
 
 import envs as test_envs
 from conftest import _created_here as created_here
@@ -74,6 +76,15 @@ SPACES: dict[str, tuple[spaces.Space, spaces.Space]] = {
               spaces.OneOf((spaces.Discrete(3), spaces.Box(-1, 1, (2,), np.float32)))),
     "sequence": (spaces.Sequence(spaces.Box(-1, 1, (2,), np.float32)),
                  spaces.Text(4, min_length=0)),
+    # every integer dtype is kept, on every path (see also test_discrete_dtypes_are_kept)
+    "discrete_dtypes": (spaces.Dict({"a": spaces.Discrete(5, start=2, dtype=np.int32),
+                                     "b": spaces.Discrete(3, dtype=np.uint8)}),
+                        spaces.Discrete(4, start=-1, dtype=np.int16)),
+    # action spaces with no layout travel pickled, as in Gymnasium
+    "graph_action": (spaces.Box(-1, 1, (2,), np.float32),
+                     spaces.Graph(spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(3))),
+    "sequence_action": (spaces.Discrete(5), spaces.Sequence(spaces.Discrete(3))),
+    "custom_action": (spaces.MultiBinary(3), test_envs.PairSpace()),
 }
 DYNAMIC = {"graph", "sequence"}
 
@@ -196,6 +207,9 @@ def test_differential_num_workers(space_name, mode, num_workers):
         ("forkserver", "sequence", NEXT, False, False, 1),
         ("forkserver", "oneof", DISABLED, True, True, N),
         ("forkserver", "box_f16_scalar", NEXT, False, True, 2),
+        ("spawn", "custom_action", SAME, True, True, 2),
+        ("forkserver", "graph_action", NEXT, True, False, 2),
+        ("spawn", "discrete_dtypes", DISABLED, False, True, 2),
     ],
 )
 def test_differential_other_contexts(context, space_name, mode, shared_memory, copy,
@@ -575,8 +589,57 @@ def test_custom_worker_is_rejected():
 
 
 def test_dynamic_space_with_shared_memory_is_rejected():
-    with pytest.raises(TypeError, match="has a dynamic shape"):
+    # Gymnasium's own sentence, then fastvec's advice
+    with pytest.raises(TypeError, match="has a dynamic shape so its not possible to make a "
+                       "static shared memory.*shared_memory=False"):
         fastvec.AsyncVectorEnv(env_fns("graph", 2))
+
+
+@pytest.mark.parametrize("space_name", ["graph_action", "sequence_action", "custom_action"])
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "pipes"])
+def test_actions_without_a_layout_travel_pickled(space_name, shared_memory):
+    fns = env_fns(space_name, 4)
+    reference = SyncVectorEnv(fns)
+    try:
+        with fastvec.AsyncVectorEnv(fns, shared_memory=shared_memory, num_workers=2) as envs:
+            assert envs._plan.actions is None  # nothing of the actions in the segment
+            assert bool(envs._plan.observation_slots) == shared_memory
+            drive(reference, envs, NEXT, steps=40)
+            # Gymnasium's own refusal for such a batch (its `iterate` raises), and a clear one
+            # for a wrong count
+            with pytest.raises(Exception) as gymnasium_refusal:
+                list(iterate(envs.action_space, 0))
+            with pytest.raises(type(gymnasium_refusal.value)):
+                envs.step(0)
+            with pytest.raises(ValueError, match="one action for each of the 4 envs, got 3"):
+                envs.step(envs.action_space.sample()[:3])
+            actions = envs.action_space.sample()
+            assert_same_step(reference.step(actions), envs.step(actions), "after refusals")
+    finally:
+        reference.close()
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "pipes"])
+def test_discrete_dtypes_are_kept(shared_memory):
+    fns = [functools.partial(test_envs.ActionEchoEnv,
+                             spaces.Discrete(6, start=1, dtype=np.int32),
+                             spaces.Discrete(4, start=-2, dtype=np.int8))] * 2
+    reference = SyncVectorEnv(fns)
+    try:
+        with fastvec.AsyncVectorEnv(fns, shared_memory=shared_memory) as envs:
+            obs, _ = envs.reset(seed=3)
+            assert obs.dtype == np.int32
+            assert_same(reference.reset(seed=3), (obs, {}), "reset")
+            for t in range(5):
+                actions = envs.action_space.sample()
+                assert actions.dtype == np.int8
+                expected, actual = reference.step(actions), envs.step(actions)
+                assert_same_step(expected, actual, f"step {t}")
+                assert actual[0].dtype == np.int32
+                # the env got what Gymnasium gives it: a numpy scalar of the space's dtype
+                assert list(actual[4]["action_type"]) == ["int8", "int8"]
+    finally:
+        reference.close()
 
 
 def test_max_concurrency():
@@ -732,6 +795,52 @@ def test_wrong_nested_action_batch_is_rejected(bad):
                 assert_same_step(reference.step(actions), envs.step(actions), f"step {t}")
     finally:
         reference.close()
+
+
+def _gymnasium_step_async_error(space_name: str, actions: Any) -> BaseException | None:
+    """What Gymnasium's own AsyncVectorEnv raises in ``step_async`` for ``actions``."""
+    reference = gym.vector.AsyncVectorEnv(env_fns(space_name, 3), context="fork")
+    try:
+        reference.reset(seed=1)
+        reference.step_async(actions)
+    except Exception as exc:
+        return exc
+    finally:
+        with warnings.catch_warnings():  # "close while waiting for a pending call"
+            warnings.simplefilter("ignore")
+            reference.close(terminate=True)
+    return None
+
+
+@pytest.mark.parametrize(("space_name", "bad"), [
+    *[pytest.param("box_f32", p.values[0], id=f"discrete-{p.id}") for p in _bad_discrete_batches()],
+    pytest.param("box_f32", 0, id="discrete-scalar"),
+    pytest.param("nested", 0, id="dict-scalar"),
+    pytest.param("nested", {"move": np.array([1, 2, 3])}, id="dict-missing-key"),
+    pytest.param("nested", [1, 2, 3], id="dict-list"),
+    pytest.param("oneof", 5, id="tuple-scalar"),
+])
+def test_bad_action_batch_raises_what_gymnasium_raises(space_name, bad):
+    gymnasium_error = _gymnasium_step_async_error(space_name, bad)
+    with fastvec.AsyncVectorEnv(env_fns(space_name, 3), num_workers=2) as envs:
+        envs.reset(seed=1)
+        with pytest.raises(ValueError) as excinfo:
+            envs.step_async(bad)
+        # a handler written for Gymnasium's error catches fastvec's too
+        if gymnasium_error is not None:
+            assert isinstance(excinfo.value, type(gymnasium_error)), (
+                f"Gymnasium raises {type(gymnasium_error).__name__}, fastvec "
+                f"{type(excinfo.value).__mro__}")
+        assert isinstance(excinfo.value, fastvec.errors.InvalidActionsError)
+        assert str(excinfo.value).startswith("actions")  # fastvec's message names the leaf
+        envs.step(envs.action_space.sample())  # still usable
+
+
+def test_invalid_actions_errors_pickle():
+    error = fastvec.errors.invalid_actions("actions: bad", KeyError)
+    assert isinstance(error, KeyError) and str(error) == "actions: bad"
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error) and str(again) == "actions: bad"
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ cdef extern from "Python.h":
 
 cdef enum NodeKind:
     KIND_ARRAY = 0      # Box, MultiDiscrete, MultiBinary: one fixed-shape leaf
-    KIND_DISCRETE = 1   # Discrete: one int64 scalar leaf with a value range
+    KIND_DISCRETE = 1   # Discrete: one integer scalar leaf (the space's dtype) with a value range
     KIND_TEXT = 2       # Text: int32 character codes, padded
     KIND_TUPLE = 3
     KIND_DICT = 4

@@ -9,7 +9,7 @@ copies any, so a value that fails leaves the segment untouched.
 """
 
 cimport cython
-from libc.stdint cimport int64_t, int32_t, INT64_MIN, INT64_MAX
+from libc.stdint cimport int64_t, int32_t, int16_t, int8_t, INT64_MIN, INT64_MAX
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, strcmp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE
@@ -98,12 +98,28 @@ cdef int items_copy(Segment segment, ItemList *items) except -1:
         for i in range(items.count):
             item = &items.items[i]
             if item.is_scalar:
-                memcpy(item.dst, &item.scalar, sizeof(int64_t))
+                memcpy(item.dst, &item.scalar, item.nbytes)
             elif item.codes != NULL:
                 memcpy(item.dst, item.codes, item.nbytes)
             else:
                 memcpy(item.dst, item.buffer.buf, item.nbytes)
     return 0
+
+
+cdef void store_integer(Item *item, int64_t number) noexcept:
+    """Store ``number`` in ``item.scalar`` as the leaf's integer width (``item.nbytes``).
+
+    The caller has checked that it fits that width, so the bytes are the leaf dtype's own on
+    any byte order (a wider store would keep the wrong half on big-endian machines).
+    """
+    if item.nbytes == 1:
+        (<int8_t *> &item.scalar)[0] = <int8_t> number
+    elif item.nbytes == 2:
+        (<int16_t *> &item.scalar)[0] = <int16_t> number
+    elif item.nbytes == 4:
+        (<int32_t *> &item.scalar)[0] = <int32_t> number
+    else:
+        item.scalar = number
 
 
 cdef int gather_buffer(object value, Item *item, bytes fmt, Py_ssize_t lead,
@@ -190,9 +206,9 @@ cdef class Node:
             items_push(items)
             item = &items.items[items.count - 1]
             item.dst = segment.base + self.offset + env * self.stride
-            item.nbytes = sizeof(int64_t)
+            item.nbytes = self.stride
             item.is_scalar = 1
-            item.scalar = number
+            store_integer(item, number)
             return 1
         if self.kind == KIND_TUPLE:
             if not isinstance(value, tuple) or len(<tuple> value) != len(self.children):

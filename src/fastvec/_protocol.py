@@ -7,8 +7,9 @@ import zlib
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.error import CustomSpaceError
 
-from fastvec.layout import ALIGNMENT, Layout, align
+from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
 LAYOUT_VERSION = 2
@@ -80,9 +81,15 @@ class SegmentPlan:
         self.num_envs = num_envs
         self.num_workers = num_workers
         control = LINE * (2 + num_workers)
-        self.actions = Layout(action_space, num_envs, control, check_range=False,
-                              path="actions")
-        cursor = control + self.actions.nbytes
+        # Actions of a space with no layout (Graph, Sequence, an unregistered custom space)
+        # travel pickled through the pipes, as in Gymnasium; the segment carries the rest.
+        self.actions: Layout | None
+        try:
+            self.actions = Layout(action_space, num_envs, control, check_range=False,
+                                  path="actions")
+        except (CustomSpaceError, DynamicShapeError):
+            self.actions = None
+        cursor = control + (self.actions.nbytes if self.actions is not None else 0)
         # One full observation batch per slot; observations travel through the pipe if empty.
         self.observation_slots: list[Layout] = []
         if observation_space is not None:
@@ -101,19 +108,21 @@ class SegmentPlan:
         # Every offset, dtype and shape: two plans that place anything differently differ here.
         geometry = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
                     for layout in (self.actions, *self.observation_slots)
-                    for leaf in layout.leaves]
+                    if layout is not None for leaf in layout.leaves]
         geometry.append((self.rewards, self.terminations, self.truncations, self.nbytes))
         self.digest = zlib.crc32(repr(geometry).encode())
 
     def bind(self, segment, buffer) -> None:
         """Build every layout's views over ``buffer``."""
-        self.actions.bind(segment, buffer)
+        if self.actions is not None:
+            self.actions.bind(segment, buffer)
         for layout in self.observation_slots:
             layout.bind(segment, buffer)
 
     def unbind(self) -> None:
         """Drop every view into the segment."""
-        self.actions.unbind()
+        if self.actions is not None:
+            self.actions.unbind()
         for layout in self.observation_slots:
             layout.unbind()
 

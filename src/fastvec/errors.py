@@ -9,6 +9,7 @@ from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoA
 __all__ = [
     "AlreadyPendingCallError",
     "ClosedEnvironmentError",
+    "InvalidActionsError",
     "NoAsyncCallError",
     "RemoteTraceback",
     "WorkerDiedError",
@@ -60,3 +61,36 @@ class WorkerDiedError(BrokenProcessPool, EOFError, BrokenPipeError):
         self.pid = pid
         self.exitcode = exitcode
         self.restarted = restarted
+
+
+class InvalidActionsError(ValueError):
+    """An action batch that does not fit the batched action space, refused before any
+    worker sees it (the vector env stays usable).
+
+    It is a ``ValueError``; when Gymnasium's ``AsyncVectorEnv`` raises another type for the
+    same batch (a ``TypeError`` for a batch that cannot be iterated, a ``KeyError`` for a
+    missing Dict key...), what fastvec raises is an instance of that type too, from
+    :func:`invalid_actions`, so handlers written for Gymnasium catch it.
+    """
+
+    __str__ = ValueError.__str__  # not KeyError's quoting when mixed with it
+
+
+_MIXED: dict[type[BaseException], type[InvalidActionsError]] = {}
+
+
+def invalid_actions(message: str, gymnasium_type: type[BaseException] | None
+                    ) -> InvalidActionsError:
+    """An :class:`InvalidActionsError` that is also a ``gymnasium_type`` (when given)."""
+    if gymnasium_type is None or issubclass(InvalidActionsError, gymnasium_type):
+        return InvalidActionsError(message)
+    mixed = _MIXED.get(gymnasium_type)
+    if mixed is None:
+        name = f"InvalidActions{gymnasium_type.__name__}"
+        try:
+            mixed = type(name, (InvalidActionsError, gymnasium_type), {"__module__": __name__})
+        except TypeError:  # a C layout that cannot be mixed with ValueError's (OSError...)
+            return InvalidActionsError(message)
+        globals()[name] = mixed  # picklable by name, like a class written here
+        _MIXED[gymnasium_type] = mixed
+    return mixed(message)

@@ -22,6 +22,7 @@ from fastvec._kernels import Node, Segment
 
 __all__ = [
     "ALIGNMENT",
+    "DynamicShapeError",
     "Layout",
     "Leaf",
     "compile_layout",
@@ -33,9 +34,26 @@ ALIGNMENT = 64
 
 _KIND = _kernels.KIND
 _INT64 = np.dtype(np.int64)
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 _INT32 = np.dtype(np.int32)
 
 _custom_layouts: dict[type, Callable[[spaces.Space], spaces.Space]] = {}
+
+
+class DynamicShapeError(TypeError):
+    """A Graph or Sequence space: its samples have no fixed shape to lay out.
+
+    A ``TypeError`` carrying Gymnasium's own sentence for the same case, so code written for
+    ``gymnasium.vector.utils.create_shared_memory`` recognises it.
+    """
+
+    def __init__(self, space: spaces.Space[Any]) -> None:
+        super().__init__(
+            f"As {space} has a dynamic shape so its not possible to make a static shared "
+            "memory. For `AsyncVectorEnv`, disable `shared_memory`: pass "
+            "`shared_memory=False` to send its observations through pipes instead."
+        )
+        self.space = space
 
 
 def align(nbytes: int) -> int:
@@ -115,22 +133,22 @@ class _Builder:
         if equivalent is not None:
             return self.build(equivalent, path)
         if isinstance(space, (spaces.Graph, spaces.Sequence)):
-            raise TypeError(
-                f"{space} has a dynamic shape so it cannot be laid out in shared memory; "
-                "pass `shared_memory=False` to send its observations through pipes instead."
-            )
+            raise DynamicShapeError(space)
         if isinstance(space, (spaces.Box, spaces.MultiDiscrete, spaces.MultiBinary)):
             dtype = np.dtype(space.dtype)
             shape = tuple(int(d) for d in space.shape)
             offset, stride = self.leaf(path, dtype, shape)
             return Node(_KIND["array"], offset, stride, dtype, shape)
         if isinstance(space, spaces.Discrete):
-            offset, stride = self.leaf(path, _INT64, ())
-            start, count = int(space.start), int(space.n)
+            dtype = np.dtype(space.dtype)
+            offset, stride = self.leaf(path, dtype, ())
+            # the kernels store an int64; the dtype's own range always bounds what it takes
+            info = np.iinfo(dtype)
+            low, high = max(int(info.min), _INT64_MIN), min(int(info.max), _INT64_MAX)
             if self.check_range:
-                return Node(_KIND["discrete"], offset, stride, _INT64, (),
-                            low=start, high=start + count - 1)
-            return Node(_KIND["discrete"], offset, stride, _INT64, ())
+                start = int(space.start)
+                low, high = max(low, start), min(high, start + int(space.n) - 1)
+            return Node(_KIND["discrete"], offset, stride, dtype, (), low=low, high=high)
         if isinstance(space, spaces.Text):
             offset, stride = self.leaf(path, _INT32, (space.max_length,))
             characters = tuple(space.character_list)

@@ -34,12 +34,13 @@ from gymnasium.vector.utils import (
     clear_mpi_env_vars,
     concatenate,
     create_empty_array,
+    iterate,
 )
 
 from fastvec import _protocol as P
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
-from fastvec.errors import RemoteTraceback, WorkerDiedError
+from fastvec.errors import RemoteTraceback, WorkerDiedError, invalid_actions
 from fastvec.worker import worker_main
 
 __all__ = ["AsyncVectorEnv", "AsyncState"]
@@ -816,10 +817,30 @@ class AsyncVectorEnv(VectorEnv):
         """
         self._assert_is_running()
         self._assert_not_pending("step_async")
-        self._plan.actions.write_batch(actions)
-        self._slot = self._choose_slot()
-        self._ring(P.CMD_STEP, slot=self._slot)
+        layout = self._plan.actions
+        if layout is None:  # no layout for the action space: pickled, as in Gymnasium
+            per_env = self._iterate_actions(actions)
+            messages = [("step", per_env[g.start:g.stop]) for g in self._groups]
+            self._slot = self._choose_slot()
+            self._ring(P.CMD_PIPE, messages, self._slot)
+        else:
+            try:
+                layout.write_batch(actions)
+            except ValueError as exc:
+                raise invalid_actions(str(exc), _gymnasium_refusal(
+                    self.action_space, actions, self.num_envs)) from None
+            self._slot = self._choose_slot()
+            self._ring(P.CMD_STEP, slot=self._slot)
         self._state = AsyncState.WAITING_STEP
+
+    def _iterate_actions(self, actions: Any) -> list[Any]:
+        """One action per env, split by Gymnasium's ``iterate`` (and raising its errors)."""
+        per_env = list(iterate(self.action_space, actions))
+        if len(per_env) != self.num_envs:
+            raise invalid_actions(
+                f"actions: expected one action for each of the {self.num_envs} envs, got "
+                f"{len(per_env)}", None)
+        return per_env
 
     def step_wait(self, timeout: float | None = None
                   ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -1042,6 +1063,20 @@ def _add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
     else:
         exc.args = (f"{exc.args[0] if exc.args else ''}\n{note}", *exc.args[1:])
+
+
+def _gymnasium_refusal(action_space: Space[Any], actions: Any, num_envs: int
+                       ) -> type[BaseException] | None:
+    """The type of error Gymnasium's AsyncVectorEnv raises for this action batch, if any.
+
+    Only on the error path: it splits the batch with Gymnasium's ``iterate`` as its
+    ``step_async`` does, then counts the actions as its ``zip(..., strict=True)`` does.
+    """
+    try:
+        count = sum(1 for _ in iterate(action_space, actions))
+    except Exception as exc:
+        return type(exc)
+    return None if count == num_envs else ValueError
 
 
 def _finalize(resources: _Resources) -> None:

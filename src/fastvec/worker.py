@@ -287,10 +287,13 @@ class Worker:
         slots = self.plan.observation_slots
         return slots[self.doorbells.load(self.line + P.SLOT)] if slots else None
 
-    def step_group(self) -> tuple | None:
+    def step_group(self, pickled_actions: list[Any] | None = None) -> tuple | None:
+        """Step every env of the group; ``pickled_actions``: the group's actions when the
+        action space has no layout (else they are read from the segment)."""
         # the per-step hot path: locals hoisted, kernels called directly on the fast path
         segment = self.segment
-        action_root = self.plan.actions.root
+        action_root = self.plan.actions.root if self.plan.actions is not None else None
+        pickled: list[Any] = pickled_actions if pickled_actions is not None else []
         observations = self.observation_layout()
         obs_root = observations.root if observations is not None else None
         read_slot, write_slot = _kernels.read_slot, _kernels.write_slot
@@ -316,7 +319,8 @@ class Worker:
                         obs, info = env.reset()
                         reward, terminated, truncated = 0.0, False, False
                     else:
-                        result = env.step(read_slot(action_root, i))
+                        result = env.step(pickled[j] if action_root is None
+                                          else read_slot(action_root, i))
                         obs, reward, terminated, truncated, info = result
                         if same_step and (terminated or truncated):
                             final_obs, final_info = obs, info
@@ -408,7 +412,9 @@ class Worker:
                 errors.append((self.start + j, error_payload(exc)))
         return (results, errors)
 
-    def handle(self, name: str, data: Any) -> tuple:
+    def handle(self, name: str, data: Any) -> tuple | None:
+        if name == "step":
+            return self.step_group(data)
         if name == "reset":
             seeds, options, mask = data
             return self.reset_group(seeds, options, mask)
