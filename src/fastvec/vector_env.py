@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import secrets
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from enum import Enum
-from multiprocessing import connection, shared_memory
+from multiprocessing import connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -36,6 +35,7 @@ from gymnasium.vector.utils import (
     create_empty_array,
 )
 
+from fastvec import _memory
 from fastvec import _protocol as P
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
@@ -98,7 +98,7 @@ class _Resources:
     """
 
     def __init__(self) -> None:
-        self.shm: shared_memory.SharedMemory | None = None
+        self.shm: _memory.SharedSegment | None = None
         self.doorbells: Doorbells | None = None
         self.segment: Segment | None = None
         self.plan: P.SegmentPlan | None = None
@@ -144,22 +144,9 @@ class _Resources:
             self.doorbells.release()
             self.doorbells = None
         shm, self.shm = self.shm, None
-        if shm is None:
-            return
-        try:
-            shm.close()
-        except BufferError:
-            # The caller still holds copy=False views: let them keep the mapping alive and
-            # free it when they go, without the SharedMemory object complaining later.
-            shm._buf = None  # type: ignore[attr-defined]
-            shm._mmap = None  # type: ignore[attr-defined]
-            if getattr(shm, "_fd", -1) >= 0:
-                os.close(shm._fd)  # type: ignore[attr-defined]
-                shm._fd = -1  # type: ignore[attr-defined]
-        try:
+        if shm is not None:
+            shm.close()  # copy=False views the caller still holds keep their mapping
             shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class AsyncVectorEnv(VectorEnv):
@@ -377,9 +364,9 @@ class AsyncVectorEnv(VectorEnv):
         res = self._resources
         ctx = multiprocessing.get_context(self.context)
         res.plan = plan
-        res.shm = shared_memory.SharedMemory(name=f"fastvec_{secrets.token_hex(12)}",
-                                             create=True, size=plan.nbytes)
+        res.shm = _memory.create(plan.nbytes)
         buffer = res.shm.buf
+        assert buffer is not None
         plan.write_header(buffer)
         res.doorbells = Doorbells(buffer)
         res.segment = Segment(buffer)
@@ -428,7 +415,7 @@ class AsyncVectorEnv(VectorEnv):
                 target=worker_main,
                 name=f"Worker<{type(self).__name__}>-{w}",
                 args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
-                      shm.name, self.autoreset_mode, self.shared_memory,
+                      shm.handle, self.autoreset_mode, self.shared_memory,
                       self._semaphore, os.getpid(), core),
                 kwargs={
                     "death_signal": threading.current_thread() is threading.main_thread(),
