@@ -6,7 +6,8 @@ temporary file) when it does not, with one warning; never a SIGBUS later.
    freed (the autouse fixtures check no segment, memfd or file is left).
 2. The fallback end to end: fastvec on a memfd or a file matches Gymnasium's SyncVectorEnv
    under fork, forkserver and spawn, and ``restart_workers`` reattaches a replacement.
-3. A real 64 MB /dev/shm (a tmpfs in a private mount namespace) with a segment that is larger.
+3. A parent killed by SIGKILL leaves no memfd mapped anywhere.
+4. A real 64 MB /dev/shm (a tmpfs in a private mount namespace) with a segment that is larger.
 
 ``gymnasium.logger.warn`` reports through ``warnings.warn``, which ``filterwarnings = error``
 turns into a failure, so every construction on the fallback expects the warning.
@@ -15,14 +16,16 @@ turns into a failure, so every construction on the fallback expects the warning.
 from __future__ import annotations
 
 import errno
-import gc
 import functools
+import gc
+import json
 import multiprocessing
 import os
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +194,50 @@ def test_suggested_shm_size(needed, size):
     assert _memory._docker_size(needed) == size
 
 
+def test_a_lazy_tail_is_allocated_only_when_asked_for(monkeypatch):
+    page = os.sysconf("SC_PAGE_SIZE")
+    segment = _memory.create(SIZE, lazy_tail=SIZE // 2)
+    path = os.path.join(SHM_DIR, segment.name)
+    try:
+        assert os.stat(path).st_blocks * 512 == SIZE // 2
+        segment.allocate_tail()
+        segment.allocate_tail()  # once is enough
+        assert os.stat(path).st_blocks * 512 >= SIZE
+        # a tail /dev/shm has no room for any more is an error, not a SIGBUS later
+        other = _memory.create(SIZE, lazy_tail=page)
+
+        def no_room(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "posix_fallocate", no_room)
+        with pytest.raises(OSError, match=f"no room left for the last {page:,} bytes"):
+            other.allocate_tail()
+        other.close()
+        other.unlink()
+    finally:
+        segment.close()
+        segment.unlink()
+
+
+def test_copy_true_allocates_its_scratch_slot_only_when_a_step_needs_it():
+    fns = [functools.partial(test_envs.SpaceEnv, spaces.Box(0, 255, (64, 64), np.uint8),
+                             index=i) for i in range(4)]
+    with fastvec.AsyncVectorEnv(fns, num_workers=2) as envs:
+        plan = envs._plan
+        scratch = plan.observation_slots[-1]
+        assert scratch.offset + scratch.nbytes == plan.nbytes  # the scratch slot ends it
+        path = os.path.join(SHM_DIR, envs._resources.shm.name)
+        allocated = os.stat(path).st_blocks * 512
+        eager = plan.nbytes - scratch.nbytes
+        assert eager <= allocated < eager + os.sysconf("SC_PAGE_SIZE")  # whole pages
+        held = [envs.reset(seed=0)[0], envs.step(np.zeros(4, np.int64))[0]]
+        assert os.stat(path).st_blocks * 512 == allocated  # two recycled slots so far
+        third = envs.step(np.zeros(4, np.int64))[0]  # both held: the scratch slot, copied
+        assert os.stat(path).st_blocks * 512 >= plan.nbytes
+        assert not np.shares_memory(third, held[0]) and not np.shares_memory(third, held[1])
+        del held, third
+
+
 # -- 2. the fallback end to end --------------------------------------------------------------
 SPACE = spaces.Dict({"frame": spaces.Box(0, 255, (6, 4, 3), np.uint8),
                      "pos": spaces.Box(-1, 1, (2,), np.float32), "n": spaces.Discrete(5)})
@@ -248,7 +295,63 @@ def test_restart_workers_reattach_to_the_fallback(fallback, context):
         envs.close()
 
 
-# -- 3. a real 64 MB /dev/shm ----------------------------------------------------------------
+# -- 3. parent death ------------------------------------------------------------------------
+PARENT_DEATH_SCRIPT = textwrap.dedent("""
+    import json, sys, time, warnings
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    import crash_envs, fastvec
+    from fastvec import _memory
+
+    if __name__ == "__main__":
+        _memory.shm_free_bytes = lambda: 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            envs = fastvec.AsyncVectorEnv(crash_envs.crash_fns(4), num_workers=2,
+                                          context={context!r})
+        envs.reset(seed=0)
+        envs.step(np.ones(4, dtype=np.int64))
+        print(json.dumps({{"name": envs._resources.shm.name,
+                          "pids": [p.pid for p in envs._resources.processes]}}), flush=True)
+        time.sleep(60)
+""")
+
+
+def _mapping_pids(label: str) -> list[int]:
+    """Processes that still map the memfd ``label``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if f"/memfd:{label}" in maps.read():
+                    pids.append(int(pid))
+        except OSError:  # gone, or not ours to read
+            pass
+    return pids
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_killed_parent_leaves_no_memfd_behind(context):
+    if not _memory.memfd_usable():
+        pytest.skip("no memfd_create or /proc on this system")
+    script = PARENT_DEATH_SCRIPT.format(tests=str(TESTS_DIR), context=context)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout is not None
+        report = json.loads(parent.stdout.readline())
+        assert sorted(_mapping_pids(report["name"])) == sorted([parent.pid, *report["pids"]])
+    finally:
+        parent.kill()
+        parent.communicate(timeout=30)
+    deadline = time.monotonic() + 5.0
+    while _mapping_pids(report["name"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _mapping_pids(report["name"]) == []  # the workers went with it, and the memfd
+
+
+# -- 4. a real 64 MB /dev/shm ----------------------------------------------------------------
 SMALL_SHM_SCRIPT = textwrap.dedent("""
     import json, os, sys, warnings
     import numpy as np, psutil
@@ -337,8 +440,6 @@ def small_shm_namespace() -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(("copy", "kind"), [("copy", _memory.MEMFD), ("nocopy", _memory.SHM)])
 def test_a_64_mb_dev_shm_with_512_atari_frames(small_shm_namespace, tmp_path, copy, kind):
-    import json
-
     script = tmp_path / "small_shm.py"
     script.write_text(SMALL_SHM_SCRIPT)
     result = subprocess.run(_in_small_shm(f"{sys.executable} -W error {script} 512 {copy}"),

@@ -78,14 +78,22 @@ class SharedSegment:
     def unlink(self) -> None:
         """Remove the segment's name, if it has one this process created (idempotent)."""
 
+    def allocate_tail(self) -> None:
+        """Allocate the tail that :func:`create` left lazy, before it is first written.
+
+        Only a preallocated /dev/shm segment has one; a memfd has no limit to hit.
+        """
+
 
 class _PosixSegment(SharedSegment):
     """The parent's POSIX segment, made through ``SharedMemory`` so the tracker knows it."""
 
-    def __init__(self, shm: shared_memory.SharedMemory) -> None:
+    def __init__(self, shm: shared_memory.SharedMemory, size: int, lazy_tail: int) -> None:
         self.handle = Handle(SHM, shm.name, "/" + shm.name)
         self._shm = shm
         self.buf = shm.buf
+        self._size = size
+        self._lazy_tail = lazy_tail
 
     def close(self) -> None:
         self.buf = None
@@ -106,6 +114,20 @@ class _PosixSegment(SharedSegment):
             self._shm.unlink()  # also tells the resource tracker it is gone
         except FileNotFoundError:
             pass
+
+    def allocate_tail(self) -> None:
+        tail = self._lazy_tail
+        if not tail:
+            return
+        fd: int = self._shm._fd  # type: ignore[attr-defined]
+        if not _preallocate(fd, self._size - tail, tail):
+            raise OSError(
+                errno.ENOSPC,
+                f"{SHM_DIR} filled up since this vector env was made: no room left for the "
+                f"last {tail:,} bytes of its segment; free some, or give the container more "
+                f"(`docker run --shm-size={_docker_size(self._size)} ...`)",
+            )
+        self._lazy_tail = 0
 
 
 class _FileSegment(SharedSegment):
@@ -132,15 +154,17 @@ def memfd_usable() -> bool:
     return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
 
-def create(size: int) -> SharedSegment:
+def create(size: int, lazy_tail: int = 0) -> SharedSegment:
     """A new zeroed segment of ``size`` bytes, in /dev/shm when it fits there.
 
     When it does not, one warning says what is needed and how to give the container more,
-    and the segment is a memfd (or a temporary file).
+    and the segment is a memfd (or a temporary file). In /dev/shm the last ``lazy_tail``
+    bytes (a region that may never be written) are allocated only by
+    :meth:`SharedSegment.allocate_tail`.
     """
     free = shm_free_bytes()
     if free is None or size <= free:
-        segment = _create_posix(size)
+        segment = _create_posix(size, lazy_tail)
         if segment is not None:
             return segment
         free = shm_free_bytes() or 0  # filled by someone else since we looked
@@ -173,12 +197,12 @@ def _new_name() -> str:
     return f"{PREFIX}{secrets.token_hex(12)}"
 
 
-def _preallocate(fd: int, size: int) -> bool:
-    """Allocate every page now, so a later write cannot SIGBUS; False if there is no room."""
+def _preallocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate these pages now, so a later write cannot SIGBUS; False if there is no room."""
     if not hasattr(os, "posix_fallocate"):  # macOS: POSIX shm is not a size-limited tmpfs
         return True
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, offset, length)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             return False
@@ -187,11 +211,11 @@ def _preallocate(fd: int, size: int) -> bool:
     return True
 
 
-def _create_posix(size: int) -> SharedSegment | None:
+def _create_posix(size: int, lazy_tail: int) -> SharedSegment | None:
     shm = shared_memory.SharedMemory(name=_new_name(), create=True, size=size)
-    segment = _PosixSegment(shm)
+    segment = _PosixSegment(shm, size, lazy_tail)
     try:
-        fits = _preallocate(shm._fd, size)  # type: ignore[attr-defined]
+        fits = _preallocate(shm._fd, 0, size - lazy_tail)  # type: ignore[attr-defined]
     except BaseException:
         segment.close()
         segment.unlink()
@@ -223,7 +247,7 @@ def _create_file(size: int) -> SharedSegment:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
-        if not _preallocate(fd, size):
+        if not _preallocate(fd, 0, size):  # all of it: this rare path stays simple
             raise OSError(errno.ENOSPC, f"no room for a {size}-byte segment", path)
         mapping = mmap.mmap(fd, size)
     except BaseException:

@@ -154,9 +154,10 @@ class AsyncVectorEnv(VectorEnv):
 
     A drop-in for :class:`gymnasium.vector.AsyncVectorEnv`: the same constructor, methods,
     errors and semantics. Sub-environments are split into contiguous groups, one group per
-    worker process; actions, observations, rewards and flags travel through one
-    ``multiprocessing.shared_memory`` segment and workers are woken through futex doorbells,
-    so a step pickles nothing unless an env returns a non-empty info or raises.
+    worker process; actions, observations, rewards and flags travel through one shared-memory
+    segment (in ``/dev/shm``, or a memfd when it does not fit there; see ``fastvec._memory``)
+    and workers are woken through futex doorbells, so a step pickles nothing unless an env
+    returns a non-empty info or raises.
 
     Parameters
     ----------
@@ -222,8 +223,9 @@ class AsyncVectorEnv(VectorEnv):
     -----
     If the process that made the vector env dies, its workers exit within half a second
     (at once on Linux when the env was made on the main thread) and multiprocessing's
-    resource tracker unlinks the segment. A vector env that is never closed is closed when
-    it is garbage-collected or at interpreter exit, silently.
+    resource tracker unlinks the segment (a memfd goes with its last process). A vector env
+    that is never closed is closed when it is garbage-collected or at interpreter exit,
+    silently.
     """
 
     def __init__(
@@ -364,7 +366,10 @@ class AsyncVectorEnv(VectorEnv):
         res = self._resources
         ctx = multiprocessing.get_context(self.context)
         res.plan = plan
-        res.shm = _memory.create(plan.nbytes)
+        slots = plan.observation_slots
+        # copy=True's scratch slot ends the segment: allocated only when a step first needs it
+        scratch = plan.nbytes - slots[RECYCLED_SLOTS].offset if len(slots) > 1 else 0
+        res.shm = _memory.create(plan.nbytes, lazy_tail=scratch)
         buffer = res.shm.buf
         assert buffer is not None
         plan.write_header(buffer)
@@ -458,6 +463,8 @@ class AsyncVectorEnv(VectorEnv):
             if not slots[slot].in_use():
                 self._copy_out = False
                 return slot
+        assert self._resources.shm is not None
+        self._resources.shm.allocate_tail()  # the scratch slot's pages, once
         self._copy_out = True
         return RECYCLED_SLOTS
 
