@@ -17,6 +17,7 @@ from multiprocessing import shared_memory
 import psutil
 import pytest
 
+from fastvec import _memory
 from fastvec._kernels import Segment
 from fastvec.layout import Layout
 
@@ -56,25 +57,46 @@ def fastvec_segments() -> set[str]:
         return set()
 
 
+def fastvec_memfds() -> set[str]:
+    """Labels of the ``fastvec_*`` memfds this process still has open (the fallback segment)."""
+    labels = set()
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("/memfd:" + SEGMENT_PREFIX):
+                labels.add(target.split(":", 1)[1].split(" ", 1)[0])
+    return labels
+
+
 # /dev/shm is shared with every other test session on the machine, so a before/after listing
 # alone would blame this test for their segments: count only those created in this process.
 _created_here: set[str] = set()
+# paths of the temporary-file segments (the fallback without memfd) created in this process
+_created_files: set[str] = set()
 
 
 @pytest.fixture(autouse=True, scope="session")
 def record_created_segments() -> Iterator[None]:
     original_init = shared_memory.SharedMemory.__init__
+    original_create_file = _memory._create_file
 
     def recording_init(self, name=None, create=False, size=0, *args, **kwargs):
         original_init(self, name, create, size, *args, **kwargs)
         if create:
             _created_here.add(self.name)
 
+    def recording_create_file(size: int) -> _memory.SharedSegment:
+        segment = original_create_file(size)
+        _created_files.add(segment.handle.path)
+        return segment
+
     shared_memory.SharedMemory.__init__ = recording_init
+    _memory._create_file = recording_create_file
     try:
         yield
     finally:
         shared_memory.SharedMemory.__init__ = original_init
+        _memory._create_file = original_create_file
 
 
 def _infrastructure_pids() -> set[int]:
@@ -112,21 +134,31 @@ def _describe(process: psutil.Process) -> str:
 
 @pytest.fixture(autouse=True)
 def no_leaked_resources(record_created_segments: None) -> Iterator[None]:
-    """Fail a test that leaves a ``fastvec_*`` segment it created or a live child process.
+    """Fail a test that leaves a segment it created (in /dev/shm, an open memfd or a temporary
+    file) or a live child process.
 
     Leftovers are removed (segments unlinked, children killed) after being reported, so one
-    failing test does not make every later test fail too.
+    failing test does not make every later test fail too; an open memfd is only reported, as
+    closing a descriptor some object still owns is unsafe.
     """
     segments_before = fastvec_segments()
+    memfds_before = fastvec_memfds()
     _created_here.clear()
+    _created_files.clear()
     yield
     problems = []
 
     def leftovers() -> set[str]:
         return (fastvec_segments() - segments_before) & _created_here
 
+    def leftover_memfds() -> set[str]:
+        return fastvec_memfds() - memfds_before
+
+    def leftover_files() -> set[str]:
+        return {path for path in _created_files if os.path.exists(path)}
+
     leaked = leftovers()
-    if leaked:
+    if leaked or leftover_memfds() or leftover_files():
         gc.collect()  # a pending finalizer may be what still holds the name
         leaked = leftovers()
     for name in sorted(leaked):
@@ -134,6 +166,12 @@ def no_leaked_resources(record_created_segments: None) -> Iterator[None]:
             os.unlink(os.path.join(SHM_DIR, name))
     if leaked:
         problems.append(f"leaked shared-memory segments: {sorted(leaked)}")
+    if leftover_memfds():
+        problems.append(f"memfd segments still open: {sorted(leftover_memfds())}")
+    for path in sorted(leftover_files()):
+        problems.append(f"leaked segment file: {path}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     deadline = time.monotonic() + CHILD_GRACE_SECONDS
     children = _live_children()

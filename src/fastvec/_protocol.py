@@ -12,7 +12,7 @@ from gymnasium.error import CustomSpaceError
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 # magic, layout version, num_envs, num_workers, layout digest, total bytes
 HEADER = struct.Struct("<QIIIIQ")
 
@@ -90,7 +90,15 @@ class SegmentPlan:
         except (CustomSpaceError, DynamicShapeError):
             self.actions = None
         cursor = control + (self.actions.nbytes if self.actions is not None else 0)
+        self.rewards = cursor
+        cursor += align(8 * num_envs)
+        self.terminations = cursor
+        cursor += align(num_envs)
+        self.truncations = cursor
+        cursor += align(num_envs)
         # One full observation batch per slot; observations travel through the pipe if empty.
+        # The slots come last, so the last one (a rarely used scratch slot) ends the segment
+        # and its pages can be allocated only once it is needed.
         self.observation_slots: list[Layout] = []
         if observation_space is not None:
             for _ in range(observation_slots):
@@ -98,12 +106,6 @@ class SegmentPlan:
                                 check_range=check_obs_range, path="obs")
                 self.observation_slots.append(layout)
                 cursor += layout.nbytes
-        self.rewards = cursor
-        cursor += align(8 * num_envs)
-        self.terminations = cursor
-        cursor += align(num_envs)
-        self.truncations = cursor
-        cursor += align(num_envs)
         self.nbytes = cursor
         # Every offset, dtype and shape: two plans that place anything differently differ here.
         geometry = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import secrets
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from enum import Enum
-from multiprocessing import connection, shared_memory
+from multiprocessing import connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -37,6 +36,7 @@ from gymnasium.vector.utils import (
     iterate,
 )
 
+from fastvec import _memory
 from fastvec import _protocol as P
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
@@ -99,7 +99,7 @@ class _Resources:
     """
 
     def __init__(self) -> None:
-        self.shm: shared_memory.SharedMemory | None = None
+        self.shm: _memory.SharedSegment | None = None
         self.doorbells: Doorbells | None = None
         self.segment: Segment | None = None
         self.plan: P.SegmentPlan | None = None
@@ -145,22 +145,9 @@ class _Resources:
             self.doorbells.release()
             self.doorbells = None
         shm, self.shm = self.shm, None
-        if shm is None:
-            return
-        try:
-            shm.close()
-        except BufferError:
-            # The caller still holds copy=False views: let them keep the mapping alive and
-            # free it when they go, without the SharedMemory object complaining later.
-            shm._buf = None  # type: ignore[attr-defined]
-            shm._mmap = None  # type: ignore[attr-defined]
-            if getattr(shm, "_fd", -1) >= 0:
-                os.close(shm._fd)  # type: ignore[attr-defined]
-                shm._fd = -1  # type: ignore[attr-defined]
-        try:
+        if shm is not None:
+            shm.close()  # copy=False views the caller still holds keep their mapping
             shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class AsyncVectorEnv(VectorEnv):
@@ -168,9 +155,10 @@ class AsyncVectorEnv(VectorEnv):
 
     A drop-in for :class:`gymnasium.vector.AsyncVectorEnv`: the same constructor, methods,
     errors and semantics. Sub-environments are split into contiguous groups, one group per
-    worker process; actions, observations, rewards and flags travel through one
-    ``multiprocessing.shared_memory`` segment and workers are woken through futex doorbells,
-    so a step pickles nothing unless an env returns a non-empty info or raises.
+    worker process; actions, observations, rewards and flags travel through one shared-memory
+    segment (in ``/dev/shm``, or a memfd when it does not fit there; see ``fastvec._memory``)
+    and workers are woken through futex doorbells, so a step pickles nothing unless an env
+    returns a non-empty info or raises.
 
     Parameters
     ----------
@@ -236,8 +224,9 @@ class AsyncVectorEnv(VectorEnv):
     -----
     If the process that made the vector env dies, its workers exit within half a second
     (at once on Linux when the env was made on the main thread) and multiprocessing's
-    resource tracker unlinks the segment. A vector env that is never closed is closed when
-    it is garbage-collected or at interpreter exit, silently.
+    resource tracker unlinks the segment (a memfd goes with its last process). A vector env
+    that is never closed is closed when it is garbage-collected or at interpreter exit,
+    silently.
     """
 
     def __init__(
@@ -378,9 +367,12 @@ class AsyncVectorEnv(VectorEnv):
         res = self._resources
         ctx = multiprocessing.get_context(self.context)
         res.plan = plan
-        res.shm = shared_memory.SharedMemory(name=f"fastvec_{secrets.token_hex(12)}",
-                                             create=True, size=plan.nbytes)
+        slots = plan.observation_slots
+        # copy=True's scratch slot ends the segment: allocated only when a step first needs it
+        scratch = plan.nbytes - slots[RECYCLED_SLOTS].offset if len(slots) > 1 else 0
+        res.shm = _memory.create(plan.nbytes, lazy_tail=scratch)
         buffer = res.shm.buf
+        assert buffer is not None
         plan.write_header(buffer)
         res.doorbells = Doorbells(buffer)
         res.segment = Segment(buffer)
@@ -429,7 +421,7 @@ class AsyncVectorEnv(VectorEnv):
                 target=worker_main,
                 name=f"Worker<{type(self).__name__}>-{w}",
                 args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
-                      shm.name, self.autoreset_mode, self.shared_memory,
+                      shm.handle, self.autoreset_mode, self.shared_memory,
                       self._semaphore, os.getpid(), core),
                 kwargs={
                     "death_signal": threading.current_thread() is threading.main_thread(),
@@ -472,6 +464,8 @@ class AsyncVectorEnv(VectorEnv):
             if not slots[slot].in_use():
                 self._copy_out = False
                 return slot
+        assert self._resources.shm is not None
+        self._resources.shm.allocate_tail()  # the scratch slot's pages, once
         self._copy_out = True
         return RECYCLED_SLOTS
 

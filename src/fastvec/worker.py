@@ -16,7 +16,6 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from multiprocessing import shared_memory
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode
 
+from fastvec import _memory
 from fastvec import _protocol as P
 from fastvec import _kernels
 from fastvec._kernels import Segment
@@ -188,8 +188,8 @@ def picklable_reply(reply: tuple, start: int) -> bytes:
 
 class Worker:
     def __init__(self, index: int, start: int, env_fns: list, pipe, plan: P.SegmentPlan,
-                 segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                 semaphore, parent_pid: int) -> None:
+                 segment_handle: _memory.Handle, autoreset_mode: AutoresetMode,
+                 shared_memory_obs: bool, semaphore, parent_pid: int) -> None:
         self.index = index
         self.spin = P.SpinBudget()
         self.start = start
@@ -204,12 +204,14 @@ class Worker:
         self.line = plan.worker_line(index)
         self.pending = plan.parent_line + P.PENDING
 
-        self.shm = _attach(segment_name)
-        plan.check_header(self.shm.buf)  # before any use: only our parent's segment will do
-        self.doorbells = Doorbells(self.shm.buf)
-        self.segment = Segment(self.shm.buf)
-        plan.bind(self.segment, self.shm.buf)
-        self.rewards, self.terminations, self.truncations = plan.result_arrays(self.shm.buf)
+        self.shm = _memory.attach(segment_handle)
+        buffer = self.shm.buf
+        assert buffer is not None
+        plan.check_header(buffer)  # before any use: only our parent's segment will do
+        self.doorbells = Doorbells(buffer)
+        self.segment = Segment(buffer)
+        plan.bind(self.segment, buffer)
+        self.rewards, self.terminations, self.truncations = plan.result_arrays(buffer)
 
         self.envs: list = []
         self.env_fns = env_fns
@@ -448,18 +450,9 @@ class Worker:
         raise RuntimeError(f"Received unknown command `{name}`.")
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    # Before 3.13 attaching registers the name with the resource tracker the parent shares
-    # with its workers; the tracker keeps a set, so this repeat is harmless and the parent's
-    # single unlink still unregisters it.
-    return shared_memory.SharedMemory(name=name)
-
-
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
-                segment_name: str, autoreset_mode: AutoresetMode, shared_memory_obs: bool,
-                semaphore, parent_pid: int, core: int | None = None, *,
+                segment_handle: _memory.Handle, autoreset_mode: AutoresetMode,
+                shared_memory_obs: bool, semaphore, parent_pid: int, core: int | None = None, *,
                 death_signal: bool = True, initial_reset: tuple[bool, bool] | None = None
                 ) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver).
@@ -487,7 +480,7 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
     worker = None
     try:
         try:
-            worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_name,
+            worker = Worker(index, start, [fn for fn in env_fns], pipe, plan, segment_handle,
                             autoreset_mode, shared_memory_obs, semaphore, parent_pid)
         except Exception as exc:  # a segment that is not our parent's, say: tell the parent
             pipe.send(("init_error", (start, error_payload(exc))))
