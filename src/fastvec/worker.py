@@ -9,6 +9,8 @@ only then.
 
 from __future__ import annotations
 
+import _posixshmem  # type: ignore[import-not-found]  # SharedMemory's C module; no stub
+import mmap
 import os
 import pickle
 import signal
@@ -16,7 +18,6 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from multiprocessing import shared_memory
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -205,11 +206,11 @@ class Worker:
         self.pending = plan.parent_line + P.PENDING
 
         self.shm = _attach(segment_name)
-        plan.check_header(self.shm.buf)  # before any use: only our parent's segment will do
-        self.doorbells = Doorbells(self.shm.buf)
-        self.segment = Segment(self.shm.buf)
-        plan.bind(self.segment, self.shm.buf)
-        self.rewards, self.terminations, self.truncations = plan.result_arrays(self.shm.buf)
+        plan.check_header(self.shm)  # before any use: only our parent's segment will do
+        self.doorbells = Doorbells(self.shm)
+        self.segment = Segment(self.shm)
+        plan.bind(self.segment, self.shm)
+        self.rewards, self.terminations, self.truncations = plan.result_arrays(self.shm)
 
         self.envs: list = []
         self.env_fns = env_fns
@@ -442,13 +443,19 @@ class Worker:
         raise RuntimeError(f"Received unknown command `{name}`.")
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    # Before 3.13 attaching registers the name with the resource tracker the parent shares
-    # with its workers; the tracker keeps a set, so this repeat is harmless and the parent's
-    # single unlink still unregisters it.
-    return shared_memory.SharedMemory(name=name)
+def _attach(name: str) -> mmap.mmap:
+    """Map the parent's segment ``name``.
+
+    Not through ``SharedMemory(name=...)``: before 3.13 it registers the name with the
+    resource tracker under the tracker's lock, which a forked worker inherits locked when
+    another thread of the parent held it at fork time (making or unlinking its own segment),
+    and then waits forever. The parent alone registers and unlinks the segment.
+    """
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
