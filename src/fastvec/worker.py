@@ -248,6 +248,11 @@ class Worker:
             pass
         return True
 
+    def phase(self, status: int, env: int = 0) -> None:
+        """Tell the parent what this worker is doing while it starts (read on a timeout)."""
+        self.doorbells.store(self.line + P.STATUS_ENV, env)
+        self.doorbells.store(self.line + P.STATUS, status)
+
     # -- the loop ------------------------------------------------------------------------
     def run(self, seq: int) -> None:
         """Serve commands until ``close``; ``seq`` is the last command sequence seen."""
@@ -365,6 +370,8 @@ class Worker:
         observations = self.observation_layout() if publish else None
         for j, env in enumerate(self.envs):
             i = self.start + j
+            # which env a start-up reset was on, should it hang there (see worker_main)
+            self.doorbells.store(self.line + P.STATUS_ENV, i)
             if mask is not None and not mask[j]:
                 # an env left alone keeps its observation, whichever slot this reset writes
                 if observations is None:
@@ -465,6 +472,10 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
                 ) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver).
 
+    While it starts, the worker writes what it is doing into its control line (``STATUS``:
+    building or resetting env ``STATUS_ENV``), which the parent reads when the start takes
+    too long.
+
     ``death_signal``: the vector env was made on its process's main thread, so the kernel may
     kill this worker when the thread that started it ends. ``initial_reset``: this worker
     replaces one that died; ``(publish, autoreset)`` says whether to reset the new envs
@@ -493,8 +504,8 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
         except Exception as exc:  # a segment that is not our parent's, say: tell the parent
             pipe.send(("init_error", (start, error_payload(exc))))
             return
-        worker.doorbells.store(worker.line + P.STATUS, P.STATUS_READY)
         for j, fn in enumerate(worker.env_fns):
+            worker.phase(P.STATUS_BUILDING, start + j)
             try:
                 worker.envs.append(fn())
             except Exception as exc:
@@ -503,10 +514,12 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
         reply = None
         if initial_reset is not None:
             publish, autoreset = initial_reset
+            worker.phase(P.STATUS_RESETTING, start)
             reply = worker.reset_group([None] * len(worker.envs), None, None, publish)
             worker.autoreset = [autoreset] * len(worker.envs)
         # read before announcing readiness: the parent may ring as soon as it hears us
         seq = worker.doorbells.load(worker.line + P.CMD_SEQ)
+        worker.phase(P.STATUS_READY)
         pipe.send(("ready", None))
         if reply is not None:
             pipe.send_bytes(picklable_reply(reply, start))
