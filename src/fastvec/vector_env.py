@@ -7,7 +7,6 @@ import os
 import pickle
 import secrets
 import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -94,6 +93,19 @@ def split_groups(num_envs: int, num_workers: int) -> list[range]:
     return groups
 
 
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL what is left of worker ``pid``'s process group: the processes its envs started.
+
+    The group's id is the worker's pid, which cannot be reused while the group has members.
+    """
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left (or not ours to end)
+        pass
+
+
 class _Resources:
     """Everything that must be released exactly once, even if the env is never closed.
 
@@ -123,9 +135,16 @@ class _Resources:
                 pass
         self.pipes = []
         deadline = time.monotonic() + join_timeout
+        # wait for the exits without reaping: an unreaped worker's pid (its group's id)
+        # cannot be reused, so the group kill reaches only what its envs left behind
+        sentinels = {process.sentinel for process in self.processes}
+        while sentinels and time.monotonic() < deadline:
+            sentinels -= set(connection.wait(list(sentinels),
+                                             max(0.0, deadline - time.monotonic())))
         for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
+            _kill_group(process.pid)  # a worker still running goes with it
         for process in self.processes:
+            process.join(1.0)
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
@@ -245,10 +264,17 @@ class AsyncVectorEnv(VectorEnv):
 
     Notes
     -----
-    If the process that made the vector env dies, its workers exit within half a second
-    (at once on Linux when the env was made on the main thread) and multiprocessing's
-    resource tracker unlinks the segment. A vector env that is never closed is closed when
-    it is garbage-collected or at interpreter exit, silently.
+    Every worker leads a process group of its own, which the processes its envs start (a
+    simulator, say) join: ``close()``, the garbage-collection or exit-time close, a
+    worker's death and the death of the process that made the vector env all SIGKILL that
+    group, so nothing an env started outlives its worker. A process that leaves the group
+    (``setsid``, a daemon) is not followed. Ctrl-C in a terminal reaches the parent only.
+
+    If the process that made the vector env dies, its workers and their groups are killed
+    at once on Linux (the kernel's parent-death signal, whichever thread made the env, also
+    while the workers are still starting), else within half a second once they serve; and
+    multiprocessing's resource tracker unlinks the segment. A vector env that is never
+    closed is closed when it is garbage-collected or at interpreter exit, silently.
     """
 
     def __init__(
@@ -450,10 +476,7 @@ class AsyncVectorEnv(VectorEnv):
                 args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
                       shm.name, self.autoreset_mode, self.shared_memory,
                       self._semaphore, os.getpid(), core),
-                kwargs={
-                    "death_signal": threading.current_thread() is threading.main_thread(),
-                    "initial_reset": initial_reset,
-                },
+                kwargs={"initial_reset": initial_reset},
                 daemon=self.daemon,
             )
             try:
@@ -680,11 +703,13 @@ class AsyncVectorEnv(VectorEnv):
         self._release_permit(w)
 
     def _death(self, w: int) -> tuple[str, WorkerDiedError]:
-        """Reap worker ``w`` and describe its end: ``(description, error)``; the error says
-        the vector env cannot continue."""
+        """Reap worker ``w``, end what its envs started and describe its end:
+        ``(description, error)``; the error says the vector env cannot continue."""
         process = self._resources.processes[w]
         process.join(0.5)  # it closed its pipe or sentinel: it is exiting, if not reaped yet
         code = process.exitcode
+        if code is not None:
+            _kill_group(process.pid)
         group = self._groups[w]
         if code is None:
             how = "closed its pipe"
@@ -730,6 +755,7 @@ class AsyncVectorEnv(VectorEnv):
             if old.exitcode is None:  # closed its pipe yet still running: make sure
                 old.kill()
                 old.join(1.0)
+                _kill_group(old.pid)
             try:
                 res.processes[w], res.pipes[w] = self._launch(
                     w, initial_reset=(in_step, autoreset))
