@@ -26,6 +26,9 @@
 
 #ifdef __linux__
 #include <linux/futex.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -230,3 +233,54 @@ int fv_wake(uint32_t *w, int n)
     return 0;
 #endif
 }
+
+/* ------------------------------------------------------------------ */
+/* parent death                                                        */
+/* ------------------------------------------------------------------ */
+
+#ifdef __linux__
+
+/* The parent seen at installation; a pid fits in sig_atomic_t (int) on Linux. */
+static volatile sig_atomic_t fv_parent = 0;
+
+static void fv_kill_group(void)
+{
+    pid_t self = getpid();
+    kill(getpgrp() == self ? -self : self, SIGKILL);
+}
+
+static void fv_on_parent_death(int signum)
+{
+    (void)signum;
+    if (getppid() != (pid_t)fv_parent) /* not just the forking thread: the process */
+        fv_kill_group();
+}
+
+int fv_kill_group_on_parent_death(int signum)
+{
+    struct sigaction action;
+    fv_parent = (sig_atomic_t)getppid();
+    memset(&action, 0, sizeof action);
+    action.sa_handler = fv_on_parent_death;
+    action.sa_flags = SA_RESTART; /* the env's own blocking calls need not see EINTR */
+    sigemptyset(&action.sa_mask);
+    if (sigaction(signum, &action, NULL) != 0)
+        return -1;
+    if (prctl(PR_SET_PDEATHSIG, (unsigned long)signum, 0UL, 0UL, 0UL) != 0)
+        return -1;
+    /* the parent may have ended before prctl: then no signal ever comes */
+    if (getppid() != (pid_t)fv_parent)
+        fv_kill_group();
+    return 0;
+}
+
+#else
+
+int fv_kill_group_on_parent_death(int signum)
+{
+    (void)signum;
+    errno = ENOSYS;
+    return -1;
+}
+
+#endif

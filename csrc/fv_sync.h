@@ -58,6 +58,28 @@ int fv_wake(uint32_t *w, int n);
 /* CLOCK_MONOTONIC in nanoseconds (the clock used for wait deadlines). */
 int64_t fv_monotonic_ns(void);
 
+/* 1 where a process can ask to be signalled when its parent ends (Linux PR_SET_PDEATHSIG). */
+#ifdef __linux__
+#define FV_HAVE_PDEATHSIG 1
+#else
+#define FV_HAVE_PDEATHSIG 0
+#endif
+
+/*
+ * Kill the caller's process group when its parent process ends.
+ *
+ * Installs an async-signal-safe handler for signum and asks the kernel to
+ * send signum when the parent ends.  Linux sends it when the parent *thread*
+ * that forked the caller ends, so the handler acts only if the parent
+ * process has changed (getppid() differs from the one seen here): it then
+ * sends SIGKILL to the caller's whole process group if the caller leads one,
+ * else to the caller alone.  If the parent ends while this call runs, the
+ * group is killed at once (the caller checks for a parent that ended before).
+ *
+ * Returns 0, or -1 with errno set (ENOSYS without FV_HAVE_PDEATHSIG).
+ */
+int fv_kill_group_on_parent_death(int signum);
+
 #ifdef __cplusplus
 }
 #endif

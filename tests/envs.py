@@ -275,3 +275,67 @@ class BrokenStrEnv(UnpicklableInfoEnv):
         if self.bad:
             raise BrokenStrError()
         return super().step(action)
+
+
+# The processes SimulatorEnv started, referenced so that none is reported as a ResourceWarning.
+_STARTED: list = []
+
+
+class SimulatorEnv(gym.Env):
+    """An env that starts a process, as a simulator does, and never ends it (not even in
+    ``close``): what is left of it shows whether fastvec ends what envs start.
+
+    Only inside a worker process (``multiprocessing.parent_process()``) is ``sleep 100``
+    started, in ``__init__``; its pid is the attribute ``child_pid``.
+
+    Parameters
+    ----------
+    index
+        The env's index in the batch.
+    pid_dir
+        If given, ``__init__`` writes ``{"worker": pid, "child": pid}`` as JSON to the file
+        ``<pid_dir>/<index>`` once the child runs (for a test that cannot ask the env).
+    hang_in
+        ``"init"`` or ``"reset"``: that method sleeps for ``hang`` seconds (after the child
+        started), when ``index`` is in ``hanging`` and ``arm_file`` (if given) exists when the
+        env is built.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, index: int = 0, pid_dir: str | None = None, hang_in: str | None = None,
+                 hanging: tuple[int, ...] = (), hang: float = 60.0,
+                 arm_file: str | None = None) -> None:
+        import json
+        import multiprocessing
+        import os
+        import subprocess
+
+        self.observation_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = spaces.Discrete(2)
+        self.index = index
+        self.child_pid: int | None = None
+        in_worker = multiprocessing.parent_process() is not None
+        self.hang_in = hang_in if (in_worker and index in hanging and (
+            arm_file is None or os.path.exists(arm_file))) else None
+        self.hang = hang
+        if in_worker:
+            child = subprocess.Popen(["sleep", "100"])
+            _STARTED.append(child)
+            self.child_pid = child.pid
+            if pid_dir is not None:
+                path = os.path.join(pid_dir, str(index))
+                with open(path + ".tmp", "w") as file:
+                    json.dump({"worker": os.getpid(), "child": child.pid}, file)
+                os.replace(path + ".tmp", path)  # whole or absent for the reader
+        if self.hang_in == "init":
+            time.sleep(hang)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if self.hang_in == "reset":
+            time.sleep(self.hang)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 1.0, False, False, {}

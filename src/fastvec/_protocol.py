@@ -20,6 +20,7 @@ LINE = ALIGNMENT
 # Offsets inside one worker's control line.
 CMD_SEQ = 0
 CMD = 4
+# What the worker is doing while it starts (STATUS_*), read by the parent on a start timeout.
 STATUS = 8
 INFO_PENDING = 12
 SLOT = 16  # which observation slot the command writes
@@ -28,15 +29,19 @@ SLOT = 16  # which observation slot the command writes
 DONE_SEQ = 20
 # 1 while the worker holds a max_concurrency permit: a replaced worker's permit is given back.
 PERMIT = 24
+# The env that STATUS_BUILDING or STATUS_RESETTING is about.
+STATUS_ENV = 28
 # Offset of the parent's pending counter inside its line.
 PENDING = 0
 
 CMD_STEP = 1
 CMD_PIPE = 2
 
+# Starting up and attaching the segment (the parent clears the word before a launch).
 STATUS_STARTING = 0
 STATUS_READY = 1
-STATUS_FAILED = 2
+STATUS_BUILDING = 2
+STATUS_RESETTING = 3
 
 # Parent-death and dead-worker checks run between wait slices of this many seconds.
 WAIT_SLICE = 0.05

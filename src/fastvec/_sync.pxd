@@ -14,6 +14,7 @@ cdef extern from "fv_sync.h" nogil:
                             int64_t timeout_ns, int64_t spin_ns, int yield_cpu)
     int fv_wake(uint32_t *w, int n)
     int64_t fv_monotonic_ns()
+    int fv_kill_group_on_parent_death(int signum)
 
 
 cdef class Doorbells:

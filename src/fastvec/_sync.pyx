@@ -1,7 +1,8 @@
 # cython: language_level=3
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Cross-process doorbells: 32-bit words in shared memory that processes can
-load, store, add to, sleep on (futex) and wake.
+load, store, add to, sleep on (futex) and wake; and a process's end with its
+parent (:func:`kill_group_on_parent_death`).
 
 These kernels carry no policy: they do not know which word means what, who
 waits on whom, or what a timeout should mean to the caller.  Offsets are byte
@@ -176,3 +177,15 @@ cdef class Doorbells:
         if self._base == NULL:
             return "<fastvec._sync.Doorbells (released)>"
         return f"<fastvec._sync.Doorbells nbytes={self._nbytes}>"
+
+
+def kill_group_on_parent_death(int signum):
+    """Have the kernel kill this process's group (or, if it leads none, this process)
+    with SIGKILL when the parent process ends; ``signum`` carries the news.
+
+    The handler is plain C, so it acts even while Python code is stuck in a C call. It
+    ignores the signal when only the parent *thread* that forked this process ended.
+    Raises OSError (ENOSYS where the kernel offers no parent-death signal).
+    """
+    if fv_kill_group_on_parent_death(signum) != 0:
+        PyErr_SetFromErrno(OSError)

@@ -13,6 +13,7 @@ __all__ = [
     "NoAsyncCallError",
     "RemoteTraceback",
     "WorkerDiedError",
+    "WorkerStartTimeoutError",
 ]
 
 
@@ -94,3 +95,33 @@ def invalid_actions(message: str, gymnasium_type: type[BaseException] | None
         globals()[name] = mixed  # picklable by name, like a class written here
         _MIXED[gymnasium_type] = mixed
     return mixed(message)
+
+
+class WorkerStartTimeoutError(TimeoutError):
+    """A worker made no progress in starting for ``start_timeout`` seconds.
+
+    Raised by the vector env's constructor; the message says what the worker was doing
+    (starting up, building env *i*, resetting env *i*, answering the space check). Every
+    worker process, what their envs started and the segment are gone when it is raised.
+    (A replacement started by ``restart_workers=True`` that is as slow raises
+    :class:`WorkerDiedError` instead: the vector env is then broken.)
+
+    Attributes
+    ----------
+    worker : int
+        The worker's index.
+    env_indices : tuple[int, ...]
+        The sub-environments the worker runs.
+    pid : int | None
+        The worker's process id.
+    phase : str
+        What it was doing, as in the message.
+    """
+
+    def __init__(self, message: str, worker: int = -1, env_indices: tuple[int, ...] = (),
+                 pid: int | None = None, phase: str = "") -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.env_indices = env_indices
+        self.pid = pid
+        self.phase = phase

@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,7 +39,12 @@ from fastvec import _memory
 from fastvec import _protocol as P
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
-from fastvec.errors import RemoteTraceback, WorkerDiedError, invalid_actions
+from fastvec.errors import (
+    RemoteTraceback,
+    WorkerDiedError,
+    WorkerStartTimeoutError,
+    invalid_actions,
+)
 from fastvec.worker import worker_main
 
 __all__ = ["AsyncVectorEnv", "AsyncState"]
@@ -48,6 +52,10 @@ __all__ = ["AsyncVectorEnv", "AsyncState"]
 
 # Observation slots handed out with copy=True before falling back to copying (plus one scratch).
 RECYCLED_SLOTS = 2
+
+# Seconds a worker may spend on one step of its start (see ``start_timeout``): simulators and
+# first-run asset downloads can legitimately take minutes per env.
+DEFAULT_START_TIMEOUT = 600.0
 
 # Commands during which restart_workers=True replaces a dead worker (construction and close
 # do not: there a death raises WorkerDiedError, or is ignored by close).
@@ -91,6 +99,19 @@ def split_groups(num_envs: int, num_workers: int) -> list[range]:
     return groups
 
 
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL what is left of worker ``pid``'s process group: the processes its envs started.
+
+    The group's id is the worker's pid, which cannot be reused while the group has members.
+    """
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left (or not ours to end)
+        pass
+
+
 class _Resources:
     """Everything that must be released exactly once, even if the env is never closed.
 
@@ -120,9 +141,16 @@ class _Resources:
                 pass
         self.pipes = []
         deadline = time.monotonic() + join_timeout
+        # wait for the exits without reaping: an unreaped worker's pid (its group's id)
+        # cannot be reused, so the group kill reaches only what its envs left behind
+        sentinels = {process.sentinel for process in self.processes}
+        while sentinels and time.monotonic() < deadline:
+            sentinels -= set(connection.wait(list(sentinels),
+                                             max(0.0, deadline - time.monotonic())))
         for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
+            _kill_group(process.pid)  # a worker still running goes with it
         for process in self.processes:
+            process.join(1.0)
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
@@ -219,14 +247,29 @@ class AsyncVectorEnv(VectorEnv):
         :class:`~fastvec.errors.WorkerDiedError` (naming the worker, its envs, its pid and
         exit code or signal) within a second; the vector env is broken and ``close()`` frees
         every process and the segment.
+    start_timeout
+        Seconds a worker may spend on one step of its start: starting up and attaching the
+        segment, building one env, resetting one env (a replacement), answering the space
+        check. Past it the constructor raises
+        :class:`~fastvec.errors.WorkerStartTimeoutError` naming the worker, its envs and
+        what it was doing, after ending every worker and freeing the segment; a replacement
+        that slow breaks the vector env (:class:`~fastvec.errors.WorkerDiedError`). Default
+        600 s; ``None`` waits forever.
 
     Notes
     -----
-    If the process that made the vector env dies, its workers exit within half a second
-    (at once on Linux when the env was made on the main thread) and multiprocessing's
-    resource tracker unlinks the segment (a memfd goes with its last process). A vector env
-    that is never closed is closed when it is garbage-collected or at interpreter exit,
-    silently.
+    Every worker leads a process group of its own, which the processes its envs start (a
+    simulator, say) join: ``close()``, the garbage-collection or exit-time close, a
+    worker's death and the death of the process that made the vector env all SIGKILL that
+    group, so nothing an env started outlives its worker. A process that leaves the group
+    (``setsid``, a daemon) is not followed. Ctrl-C in a terminal reaches the parent only.
+
+    If the process that made the vector env dies, its workers and their groups are killed
+    at once on Linux (the kernel's parent-death signal, whichever thread made the env, also
+    while the workers are still starting), else within half a second once they serve; and
+    multiprocessing's resource tracker unlinks the segment (a memfd goes
+    with its last process). A vector env that is never
+    closed is closed when it is garbage-collected or at interpreter exit, silently.
     """
 
     def __init__(
@@ -244,6 +287,7 @@ class AsyncVectorEnv(VectorEnv):
         num_workers: int | None = None,
         pin_workers: bool | None = None,
         restart_workers: bool = False,
+        start_timeout: float | None = DEFAULT_START_TIMEOUT,
     ) -> None:
         self._state = AsyncState.DEFAULT
         self._broken: WorkerDiedError | None = None
@@ -275,6 +319,14 @@ class AsyncVectorEnv(VectorEnv):
                     f"`max_concurrency` must be a positive or None, got {max_concurrency}."
                 )
         self.max_concurrency = max_concurrency
+        if start_timeout is not None and not (
+                isinstance(start_timeout, (int, float, np.integer, np.floating))
+                and start_timeout > 0):
+            raise ValueError(
+                f"`start_timeout` must be a positive number of seconds or None, got "
+                f"{start_timeout!r}."
+            )
+        self.start_timeout = None if start_timeout is None else float(start_timeout)
         if worker is not None:
             raise ValueError(
                 "fastvec.AsyncVectorEnv does not run a custom `worker`: its workers step "
@@ -389,11 +441,8 @@ class AsyncVectorEnv(VectorEnv):
                 process, parent_pipe = self._launch(w)
                 res.pipes.append(parent_pipe)
                 res.processes.append(process)  # only started processes can be joined
-            errors = []
-            for w in range(self.num_workers):
-                kind, data = self._recv(w)
-                if kind == "init_error":
-                    errors.append(data)
+            started = self._await_start(range(self.num_workers))
+            errors = [data for (kind, data), *_ in started.values() if kind == "init_error"]
             if errors:
                 try:
                     self._raise_errors(errors)
@@ -414,6 +463,8 @@ class AsyncVectorEnv(VectorEnv):
         assert shm is not None
         cores = self._cores
         core = cores[w % len(cores)] if self.pin_workers and cores else None
+        # a replacement starts from scratch, whatever its predecessor reported
+        self._doorbells.store(self._plan.worker_line(w) + P.STATUS, P.STATUS_STARTING)
         with clear_mpi_env_vars():
             parent_pipe, child_pipe = self._ctx.Pipe()
             env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
@@ -423,10 +474,7 @@ class AsyncVectorEnv(VectorEnv):
                 args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
                       shm.handle, self.autoreset_mode, self.shared_memory,
                       self._semaphore, os.getpid(), core),
-                kwargs={
-                    "death_signal": threading.current_thread() is threading.main_thread(),
-                    "initial_reset": initial_reset,
-                },
+                kwargs={"initial_reset": initial_reset},
                 daemon=self.daemon,
             )
             try:
@@ -575,6 +623,73 @@ class AsyncVectorEnv(VectorEnv):
         self._mark_lost(w)
         return None
 
+    def _await_start(self, workers: Sequence[int],
+                     replies: bool = False) -> dict[int, list[Any]]:
+        """Wait until each of ``workers`` sent ``ready`` (then, with ``replies``, the reply of
+        its initial reset) or ``init_error``; return each one's messages.
+
+        A worker whose phase (``_phase``) stays the same for ``start_timeout`` seconds raises
+        :class:`WorkerStartTimeoutError`; one that dies raises :class:`WorkerDiedError`.
+        """
+        res = self._resources
+        wanted = 2 if replies else 1
+        messages: dict[int, list[Any]] = {w: [] for w in workers}
+        now = time.monotonic()
+        progress = {w: (self._phase_words(w), now) for w in workers}
+        waiting = set(workers)
+        while waiting:
+            handles = {}
+            for w in waiting:
+                handles[res.pipes[w]] = handles[res.processes[w].sentinel] = w
+            for handle in connection.wait(list(handles), P.WAIT_SLICE * 4):
+                w = handles[handle]
+                if w not in waiting:
+                    continue
+                messages[w].append(self._recv(w))  # a message or a death: no waiting here
+                if messages[w][0][0] == "init_error" or len(messages[w]) == wanted:
+                    waiting.discard(w)
+                progress[w] = (self._phase_words(w), time.monotonic())
+            now = time.monotonic()
+            for w in sorted(waiting):
+                words, since = progress[w]
+                if self._phase_words(w) != words:
+                    progress[w] = (self._phase_words(w), now)
+                elif self.start_timeout is not None and now - since > self.start_timeout:
+                    raise self._start_timeout(w, self._phase(w))
+        return messages
+
+    def _phase_words(self, w: int) -> tuple[int, int]:
+        line = self._plan.worker_line(w)
+        return (self._doorbells.load(line + P.STATUS), self._doorbells.load(line + P.STATUS_ENV))
+
+    def _phase(self, w: int) -> str:
+        """What worker ``w`` reports doing while it starts."""
+        status, env = self._phase_words(w)
+        if status == P.STATUS_BUILDING:
+            return f"building env {env} (its env function had not returned)"
+        if status == P.STATUS_RESETTING:
+            return f"resetting env {env}"
+        if status == P.STATUS_READY:
+            return "sending its ready message"
+        return "starting up (its process had not attached the segment yet)"
+
+    def _start_timeout(self, w: int, phase: str) -> WorkerStartTimeoutError:
+        what = self._describe(w)
+        group = self._groups[w]
+        return WorkerStartTimeoutError(
+            f"{what} made no progress for {self.start_timeout:g} s while {phase}. Building "
+            "or resetting an env may legitimately take longer (a simulator): pass a larger "
+            "`start_timeout=` (seconds, or None to wait forever) to AsyncVectorEnv.",
+            worker=w, env_indices=tuple(group), pid=self._resources.processes[w].pid,
+            phase=phase)
+
+    def _describe(self, w: int) -> str:
+        """``fastvec worker <w> (pid <pid>, envs <a>..<b>)``."""
+        group = self._groups[w]
+        envs = (f"env {group.start}" if len(group) == 1
+                else f"envs {group.start}..{group.stop - 1}")
+        return f"fastvec worker {w} (pid {self._resources.processes[w].pid}, {envs})"
+
     def _check_workers(self, restart: bool = False) -> None:
         for w, process in enumerate(self._resources.processes):
             if w not in self._lost and process.exitcode is not None:
@@ -588,11 +703,13 @@ class AsyncVectorEnv(VectorEnv):
         self._release_permit(w)
 
     def _death(self, w: int) -> tuple[str, WorkerDiedError]:
-        """Reap worker ``w`` and describe its end: ``(description, error)``; the error says
-        the vector env cannot continue."""
+        """Reap worker ``w``, end what its envs started and describe its end:
+        ``(description, error)``; the error says the vector env cannot continue."""
         process = self._resources.processes[w]
         process.join(0.5)  # it closed its pipe or sentinel: it is exiting, if not reaped yet
         code = process.exitcode
+        if code is not None:
+            _kill_group(process.pid)
         group = self._groups[w]
         if code is None:
             how = "closed its pipe"
@@ -603,9 +720,7 @@ class AsyncVectorEnv(VectorEnv):
                 how = f"was killed by signal {-code}"
         else:
             how = f"exited with code {code}"
-        envs = (f"env {group.start}" if len(group) == 1
-                else f"envs {group.start}..{group.stop - 1}")
-        what = f"fastvec worker {w} (pid {process.pid}, {envs}) {how}"
+        what = f"{self._describe(w)} {how}"
         error = WorkerDiedError(
             f"{what}. The vector env cannot continue; close it and make a new one.",
             worker=w, env_indices=tuple(group), pid=process.pid, exitcode=code,
@@ -640,6 +755,7 @@ class AsyncVectorEnv(VectorEnv):
             if old.exitcode is None:  # closed its pipe yet still running: make sure
                 old.kill()
                 old.join(1.0)
+                _kill_group(old.pid)
             try:
                 res.processes[w], res.pipes[w] = self._launch(
                     w, initial_reset=(in_step, autoreset))
@@ -654,9 +770,22 @@ class AsyncVectorEnv(VectorEnv):
             old.close()
         self._replaced = []
         restarted = []
+        try:  # a replacement that dies breaks the vector env
+            started = self._await_start(lost, replies=True)
+        except WorkerStartTimeoutError as exc:
+            what, died = deaths[exc.worker]
+            self._broken = WorkerDiedError(
+                f"{what} during `{name}`, and its replacement (pid {exc.pid}) made no progress "
+                f"for {self.start_timeout:g} s while {exc.phase}; pass a larger "
+                "`start_timeout=` if that is expected. The vector env cannot continue; close "
+                "it and make a new one.",
+                worker=exc.worker, env_indices=died.env_indices, pid=died.pid,
+                exitcode=died.exitcode)
+            self._state = AsyncState.DEFAULT
+            raise self._broken from None
         for w in lost:
             what, died = deaths[w]
-            kind, data = self._recv(w)  # a replacement that dies breaks the vector env
+            (kind, data), *reply = started[w]
             if kind == "init_error":
                 index, payload = data
                 cause = _rebuild_exception(*payload)
@@ -669,7 +798,7 @@ class AsyncVectorEnv(VectorEnv):
                 self._broken = error
                 self._state = AsyncState.DEFAULT
                 raise error from cause
-            self._replaced.append((w, self._recv(w)))
+            self._replaced.append((w, reply[0]))
             pid = res.processes[w].pid
             if in_step:
                 logger.warn(f"{what} during `step`; restarted it as pid {pid}. Its envs are "
@@ -841,7 +970,9 @@ class AsyncVectorEnv(VectorEnv):
         """Wait for the step sent by :meth:`step_async` and return its batched results.
 
         On ``multiprocessing.TimeoutError`` the step stays pending: call ``step_wait`` again
-        to complete it.
+        to complete it. With ``restart_workers=True``, replacing a worker that died during
+        the step may take longer than ``timeout``: each step of the replacement's start is
+        bounded by ``start_timeout`` instead.
         """
         self._assert_is_running()
         self._assert_pending(AsyncState.WAITING_STEP, "step_wait", "step_async")
@@ -968,7 +1099,15 @@ class AsyncVectorEnv(VectorEnv):
         message = ("check_spaces", (self.observation_mode, self.single_observation_space,
                                     self.single_action_space))
         self._ring(P.CMD_PIPE, [message] * self.num_workers)
-        results = self._gather_results(self._wait_pending(None, "check_spaces"))
+        try:
+            replies = self._wait_pending(self.start_timeout, "check_spaces")
+        except multiprocessing.TimeoutError:
+            doorbells, line = self._doorbells, self._plan.worker_line
+            w = min(w for w in range(self.num_workers)
+                    if doorbells.load(line(w) + P.DONE_SEQ) != doorbells.load(line(w) + P.CMD_SEQ))
+            raise self._start_timeout(
+                w, "answering the space check (reading its envs' spaces)") from None
+        results = self._gather_results(replies)
         same_observation_spaces, same_action_spaces = zip(*results)
         if not all(same_observation_spaces):
             if self.observation_mode == "same":

@@ -27,24 +27,57 @@ from fastvec import _memory
 from fastvec import _protocol as P
 from fastvec import _kernels
 from fastvec._kernels import Segment
-from fastvec._sync import Doorbells
+from fastvec._sync import Doorbells, kill_group_on_parent_death
 from fastvec.layout import _describe
 
 _FORBIDDEN_CALLS = ("reset", "step", "close", "_setattr", "_check_spaces")
 
 
+def _lead_process_group() -> bool:
+    """Make this worker the leader of a new process group, which every process its envs start
+    joins: the parent (or this worker, when the parent dies) can then end them all at once.
+    Ctrl-C from a terminal reaches the foreground group only, so it no longer reaches them."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not allowed (a session leader): its descendants are not tracked
+        return False
+    return True
+
+
 def _set_parent_death_signal() -> None:
-    """Ask Linux to kill this worker when its parent dies (a no-op elsewhere)."""
+    """Ask Linux to kill this worker's group when its parent process dies (a no-op elsewhere).
+
+    Linux signals when the parent *thread* that forked us ends; the C handler then checks
+    that the process itself is gone, so this is safe for envs made on any thread.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # the ppid check in the wait loop still covers this
+        # a real-time signal: no library an env loads claims it, and its default action
+        # (should an env replace the handler) still ends the worker
+        kill_group_on_parent_death(signal.SIGRTMIN + 3)
+    except OSError:  # the ppid check in the wait loop still covers this
         pass
+
+
+def _parent_alive(start_ppid: int, parent_pid: int) -> bool:
+    """Whether the vector env's process lives (``start_ppid``: our parent when we started)."""
+    if os.getppid() != start_ppid:  # reparented: our parent (or the server) died
+        return False
+    if start_ppid == parent_pid:
+        return True
+    try:  # forkserver: the vector env's process is not our parent
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _end_group() -> None:
+    """SIGKILL this worker's process group: the worker and every process its envs started."""
+    os.killpg(0, signal.SIGKILL)
 
 
 def error_payload(exc: BaseException) -> tuple[Any, ...]:
@@ -201,6 +234,8 @@ class Worker:
         self.parent_pid = parent_pid
         # Under forkserver our parent process is the server, not the vector env's process.
         self.start_ppid = os.getppid()
+        # whether this worker leads a process group of its own (worker_main makes it one)
+        self.own_group = False
         self.line = plan.worker_line(index)
         self.pending = plan.parent_line + P.PENDING
 
@@ -237,17 +272,12 @@ class Worker:
         return errors
 
     def parent_alive(self) -> bool:
-        if os.getppid() != self.start_ppid:  # reparented: our parent (or the server) died
-            return False
-        if self.start_ppid == self.parent_pid:
-            return True
-        try:  # forkserver: the vector env's process is not our parent
-            os.kill(self.parent_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+        return _parent_alive(self.start_ppid, self.parent_pid)
+
+    def phase(self, status: int, env: int = 0) -> None:
+        """Tell the parent what this worker is doing while it starts (read on a timeout)."""
+        self.doorbells.store(self.line + P.STATUS_ENV, env)
+        self.doorbells.store(self.line + P.STATUS, status)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, seq: int) -> None:
@@ -262,6 +292,8 @@ class Worker:
                 if doorbells.wait_while_equal(seq_offset, seq, P.WAIT_SLICE * 10, spin, True):
                     break
                 if not self.parent_alive():
+                    if self.own_group:  # as the parent-death signal does where it exists
+                        _end_group()
                     return
             self.spin.record(time.monotonic() - idle_since)
             seq = doorbells.load(seq_offset)
@@ -370,6 +402,8 @@ class Worker:
         observations = self.observation_layout() if publish else None
         for j, env in enumerate(self.envs):
             i = self.start + j
+            # which env a start-up reset was on, should it hang there (see worker_main)
+            self.doorbells.store(self.line + P.STATUS_ENV, i)
             if mask is not None and not mask[j]:
                 # an env left alone keeps its observation, whichever slot this reset writes
                 if observations is None:
@@ -453,23 +487,30 @@ class Worker:
 def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.SegmentPlan,
                 segment_handle: _memory.Handle, autoreset_mode: AutoresetMode,
                 shared_memory_obs: bool, semaphore, parent_pid: int, core: int | None = None, *,
-                death_signal: bool = True, initial_reset: tuple[bool, bool] | None = None
-                ) -> None:
+                initial_reset: tuple[bool, bool] | None = None) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver).
 
-    ``death_signal``: the vector env was made on its process's main thread, so the kernel may
-    kill this worker when the thread that started it ends. ``initial_reset``: this worker
-    replaces one that died; ``(publish, autoreset)`` says whether to reset the new envs
-    before serving (seed ``None``), write their observations into the current slot and send
-    the reset's reply after ``ready``, and whether their next step is an autoreset.
+    The worker leads a process group of its own, so every process its envs start can be
+    ended with it: by the parent at close and after the worker's death, and by the worker
+    (the kernel's parent-death signal on Linux, else the wait loop's parent check) when the
+    parent dies. While it starts, it writes what it is doing into its control line
+    (``STATUS``: building or resetting env ``STATUS_ENV``), which the parent reads when
+    the start takes too long.
+
+    ``initial_reset``: this worker replaces one that died; ``(publish, autoreset)`` says
+    whether to reset the new envs before serving (seed ``None``), write their observations
+    into the current slot and send the reset's reply after ``ready``, and whether their next
+    step is an autoreset.
     """
-    # Ctrl-C goes to the whole process group; the parent decides what it means.
+    # Ctrl-C is the parent's to handle, also when a SIGINT reaches us or our own group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Linux sends the signal when the *thread* that forked us ends: only safe when that is
-    # the main thread. A forkserver child's parent is the server's main thread. Otherwise the
-    # wait loop's parent check ends us within half a second of the parent.
-    if death_signal or os.getppid() != parent_pid:
-        _set_parent_death_signal()
+    own_group = _lead_process_group()
+    start_ppid = os.getppid()
+    _set_parent_death_signal()
+    if not _parent_alive(start_ppid, parent_pid):  # it died before the signal was set
+        if own_group:
+            _end_group()
+        return
     if core is not None:
         try:
             os.sched_setaffinity(0, {core})
@@ -485,8 +526,9 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
         except Exception as exc:  # a segment that is not our parent's, say: tell the parent
             pipe.send(("init_error", (start, error_payload(exc))))
             return
-        worker.doorbells.store(worker.line + P.STATUS, P.STATUS_READY)
+        worker.own_group = own_group
         for j, fn in enumerate(worker.env_fns):
+            worker.phase(P.STATUS_BUILDING, start + j)
             try:
                 worker.envs.append(fn())
             except Exception as exc:
@@ -495,10 +537,12 @@ def worker_main(index: int, start: int, env_fns, pipe, parent_pipe, plan: P.Segm
         reply = None
         if initial_reset is not None:
             publish, autoreset = initial_reset
+            worker.phase(P.STATUS_RESETTING, start)
             reply = worker.reset_group([None] * len(worker.envs), None, None, publish)
             worker.autoreset = [autoreset] * len(worker.envs)
         # read before announcing readiness: the parent may ring as soon as it hears us
         seq = worker.doorbells.load(worker.line + P.CMD_SEQ)
+        worker.phase(P.STATUS_READY)
         pipe.send(("ready", None))
         if reply is not None:
             pipe.send_bytes(picklable_reply(reply, start))
