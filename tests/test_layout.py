@@ -2,7 +2,7 @@
 
 The reference for every read is Gymnasium itself: ``read_batch`` must give what
 ``concatenate`` (and ``read_from_shared_memory``) give for the same samples, and
-``read_slot(i)`` what ``iterate(batch_space(space, n), batch)`` yields for env ``i``.
+``read_row(i)`` what ``iterate(batch_space(space, n), batch)`` yields for env ``i``.
 """
 
 from __future__ import annotations
@@ -253,17 +253,17 @@ def segment_bytes(shm: shared_memory.SharedMemory) -> bytes:
 @pytest.mark.parametrize("n", BATCH_SIZES)
 @PROPERTY_SETTINGS
 @given(space=seeded_spaces())
-def test_write_slot_round_trip(n: int, space: Space) -> None:
+def test_write_row_round_trip(n: int, space: Space) -> None:
     first = [space.sample() for _ in range(n)]
     second = [space.sample() for _ in range(n)]
     with bound_layout(space, n) as (layout, _):
         # Plain lists and ints take the converting path; the samples themselves the fast path.
         for env, sample in enumerate(first):
-            layout.write_slot(as_plain_python(space, sample), env)
+            layout.write_row(as_plain_python(space, sample), env)
         assert_equivalent(layout.read_batch(copy=True), expected_batch(space, first))
 
         for env, sample in enumerate(second):
-            layout.write_slot(sample, env)
+            layout.write_row(sample, env)
         expected = expected_batch(space, second)
         assert_equivalent(layout.read_batch(copy=True), expected)
         assert_equivalent(layout.read_batch(copy=False), expected)
@@ -272,8 +272,8 @@ def test_write_slot_round_trip(n: int, space: Space) -> None:
                                                                create_empty_array(space, n)))
 
         for env, row in enumerate(expected_rows(space, second)):
-            assert_equivalent(layout.read_slot(env, copy=True), row)
-            assert_equivalent(layout.read_slot(env, copy=False), row)
+            assert_equivalent(layout.read_row(env, copy=True), row)
+            assert_equivalent(layout.read_row(env, copy=False), row)
 
 
 @pytest.mark.parametrize("n", BATCH_SIZES)
@@ -286,7 +286,7 @@ def test_matches_gymnasium_shared_memory(n: int, space: Space) -> None:
         write_to_shared_memory(space, env, sample, reference)
     with bound_layout(space, n) as (layout, _):
         for env, sample in enumerate(samples):
-            layout.write_slot(sample, env)
+            layout.write_row(sample, env)
         if gymnasium_reads_correctly(space):
             assert_equivalent(layout.read_batch(), read_from_shared_memory(space, reference, n))
         else:
@@ -305,27 +305,27 @@ def test_write_batch_round_trip(n: int, space: Space) -> None:
         assert_equivalent(layout.read_batch(copy=True), expected)
         assert_equivalent(layout.read_batch(copy=False), expected)
         for env, row in enumerate(iterate(batched, batch)):
-            assert_equivalent(layout.read_slot(env), _normalise_row(space, row))
+            assert_equivalent(layout.read_row(env), _normalise_row(space, row))
 
 
 def test_dict_key_order_is_the_space_order() -> None:
     space = Dict([("z", Discrete(3)), ("a", Box(0, 1, (2,))), ("m", Text(3))], seed=1)
     sample = space.sample()
     with bound_layout(space, 2) as (layout, _):
-        layout.write_slot(sample, 0)
-        layout.write_slot({k: sample[k] for k in ("m", "a", "z")}, 1)
+        layout.write_row(sample, 0)
+        layout.write_row({k: sample[k] for k in ("m", "a", "z")}, 1)
         assert list(layout.read_batch()) == ["z", "a", "m"]
-        assert list(layout.read_slot(1)) == ["z", "a", "m"]
-        assert_equivalent(layout.read_slot(1), layout.read_slot(0))
+        assert list(layout.read_row(1)) == ["z", "a", "m"]
+        assert_equivalent(layout.read_row(1), layout.read_row(0))
 
 
 def test_unsized_box_reads_a_numpy_scalar_per_env() -> None:
     space = Box(-1.0, 1.0, (), np.float32)
     with bound_layout(space, 3) as (layout, _):
         for env, value in enumerate([0.5, -0.25, 1.0]):
-            layout.write_slot(np.float32(value), env)
-        assert layout.read_slot(1) == np.float32(-0.25)
-        assert type(layout.read_slot(1)) is np.float32
+            layout.write_row(np.float32(value), env)
+        assert layout.read_row(1) == np.float32(-0.25)
+        assert type(layout.read_row(1)) is np.float32
         assert_equivalent(layout.read_batch(), np.array([0.5, -0.25, 1.0], np.float32))
 
 
@@ -333,13 +333,13 @@ def test_int64_leaf_accepts_every_int64_flavour() -> None:
     # np.longlong and np.int64 are equal dtypes with different buffer format characters.
     space = Dict([("box", Box(-10, 10, (3,), np.int64)), ("u", Box(0, 10, (2,), np.uint64))])
     with bound_layout(space, 2) as (layout, _):
-        layout.write_slot({"box": np.array([1, -2, 3], np.longlong),
+        layout.write_row({"box": np.array([1, -2, 3], np.longlong),
                            "u": np.array([4, 5], np.ulonglong)}, 1)
-        assert_equivalent(layout.read_slot(1), {"box": np.array([1, -2, 3], np.int64),
+        assert_equivalent(layout.read_row(1), {"box": np.array([1, -2, 3], np.int64),
                                                 "u": np.array([4, 5], np.uint64)})
         layout.write_batch({"box": np.ones((2, 3), np.longlong),
                             "u": np.ones((2, 2), np.ulonglong)})
-        assert_equivalent(layout.read_slot(0), {"box": np.ones(3, np.int64),
+        assert_equivalent(layout.read_row(0), {"box": np.ones(3, np.int64),
                                                 "u": np.ones(2, np.uint64)})
 
 
@@ -354,26 +354,26 @@ def test_discrete_keeps_its_dtype(dtype: np.dtype) -> None:
     with bound_layout(space, 3) as (layout, _):
         assert layout.leaves[0].dtype == dtype
         for env, sample in enumerate(samples):
-            layout.write_slot(sample if env % 2 else int(sample), env)
+            layout.write_row(sample if env % 2 else int(sample), env)
         assert_equivalent(layout.read_batch(), expected_batch(space, samples))
         for env, row in enumerate(expected_rows(space, samples)):
-            assert_equivalent(layout.read_slot(env), row)
+            assert_equivalent(layout.read_row(env), row)
         with pytest.raises(ValueError, match=re.escape(f"in [{start}, {start + 4}]")):
-            layout.write_slot(start + 5, 0)
+            layout.write_row(start + 5, 0)
     batched = batch_space(space, 3)
     with bound_layout(space, 3, check_range=False, path="actions") as (layout, _):
         batch = batched.sample()
         layout.write_batch(batch)
         assert_equivalent(layout.read_batch(), batch)
         for env, row in enumerate(iterate(batched, batch)):
-            assert_equivalent(layout.read_slot(env), row)
+            assert_equivalent(layout.read_row(env), row)
         # an action outside the space reaches the env (it checks), one outside the dtype not
         info = np.iinfo(dtype)
         low, high = max(int(info.min), -(2**63)), min(int(info.max), 2**63 - 1)
-        layout.write_slot(high, 0)
-        assert layout.read_slot(0) == high and layout.read_slot(0).dtype == dtype
+        layout.write_row(high, 0)
+        assert layout.read_row(0) == high and layout.read_row(0).dtype == dtype
         with pytest.raises(ValueError, match=re.escape(f"in [{low}, {high}]")):
-            layout.write_slot(low - 1, 1)
+            layout.write_row(low - 1, 1)
 
 
 @pytest.mark.parametrize("value", [
@@ -384,48 +384,48 @@ def test_discrete_keeps_its_dtype(dtype: np.dtype) -> None:
     np.arange(6, dtype=np.float32).reshape(2, 3).astype(">f4"),  # other byte order
     [[0, 1, 2], [3, 4, 5]],
 ], ids=["transposed", "fortran", "float64", "int16", "big-endian", "lists"])
-def test_write_slot_converts_safe_values(value) -> None:
+def test_write_row_converts_safe_values(value) -> None:
     with bound_layout(Box(0, 10, (2, 3), np.float32), 2) as (layout, _):
-        layout.write_slot(value, 1)
-        np.testing.assert_array_equal(layout.read_slot(1), np.asarray(value, np.float32))
-        assert layout.read_slot(1).dtype == np.float32
+        layout.write_row(value, 1)
+        np.testing.assert_array_equal(layout.read_row(1), np.asarray(value, np.float32))
+        assert layout.read_row(1).dtype == np.float32
 
 
 # -- Text and OneOf are decoded on every read ------------------------------------------------
 def test_text_is_decoded_on_every_read() -> None:
     space = Dict([("name", Text(6, min_length=0, charset="abcdef")), ("x", Discrete(2))])
     with bound_layout(space, 2) as (layout, _):
-        layout.write_slot({"name": "abc", "x": 1}, 0)
-        layout.write_slot({"name": "", "x": 0}, 1)
+        layout.write_row({"name": "abc", "x": 1}, 0)
+        layout.write_row({"name": "", "x": 0}, 1)
         assert layout.read_batch(copy=False)["name"] == ("abc", "")
-        assert layout.read_slot(0)["name"] == "abc"
+        assert layout.read_row(0)["name"] == "abc"
 
-        layout.write_slot({"name": "fedcba", "x": 1}, 0)
-        layout.write_slot({"name": "f", "x": 0}, 1)
+        layout.write_row({"name": "fedcba", "x": 1}, 0)
+        layout.write_row({"name": "f", "x": 0}, 1)
         assert layout.read_batch(copy=False)["name"] == ("fedcba", "f")
         assert layout.read_batch(copy=True)["name"] == ("fedcba", "f")
-        assert layout.read_slot(0, copy=False)["name"] == "fedcba"
+        assert layout.read_row(0, copy=False)["name"] == "fedcba"
 
-        layout.write_slot({"name": "a", "x": 1}, 0)  # shorter: no stale tail
-        assert layout.read_slot(0)["name"] == "a"
+        layout.write_row({"name": "a", "x": 1}, 0)  # shorter: no stale tail
+        assert layout.read_row(0)["name"] == "a"
 
 
 def test_oneof_is_decoded_on_every_read() -> None:
     space = OneOf([Box(0, 1, (2,), np.float32), Discrete(5, start=10), Text(3, charset="ab")])
     with bound_layout(space, 2) as (layout, _):
-        layout.write_slot((0, np.array([0.25, 0.5], np.float32)), 0)
-        layout.write_slot((1, 12), 1)
+        layout.write_row((0, np.array([0.25, 0.5], np.float32)), 0)
+        layout.write_row((1, 12), 1)
         assert_equivalent(layout.read_batch(copy=False),
                           ((np.int64(0), np.array([0.25, 0.5], np.float32)),
                            (np.int64(1), np.int64(12))))
 
-        layout.write_slot((2, "ba"), 0)
-        layout.write_slot((0, np.array([1.0, 0.0], np.float32)), 1)
+        layout.write_row((2, "ba"), 0)
+        layout.write_row((0, np.array([1.0, 0.0], np.float32)), 1)
         expected = ((np.int64(2), "ba"), (np.int64(0), np.array([1.0, 0.0], np.float32)))
         assert_equivalent(layout.read_batch(copy=False), expected)
         assert_equivalent(layout.read_batch(copy=True), expected)
-        assert_equivalent(layout.read_slot(0), expected[0])
-        assert_equivalent(layout.read_slot(1, copy=False), expected[1])
+        assert_equivalent(layout.read_row(0), expected[0])
+        assert_equivalent(layout.read_row(1, copy=False), expected[1])
 
 
 # -- copy semantics ---------------------------------------------------------------------------
@@ -451,13 +451,13 @@ def _copy_space_sample(fill: int) -> dict:
 def test_copied_reads_never_change_after_later_writes() -> None:
     with bound_layout(COPY_SPACE, 3) as (layout, shm):
         for env in range(3):
-            layout.write_slot(_copy_space_sample(1), env)
+            layout.write_row(_copy_space_sample(1), env)
         batch = layout.read_batch(copy=True)
-        row = layout.read_slot(2, copy=True)
+        row = layout.read_row(2, copy=True)
         batch_before, row_before = copy.deepcopy(batch), copy.deepcopy(row)
 
         for env in range(3):
-            layout.write_slot(_copy_space_sample(4), env)
+            layout.write_row(_copy_space_sample(4), env)
         layout.write_batch(layout.read_batch(copy=True))
 
         assert_equivalent(batch, batch_before)
@@ -472,12 +472,12 @@ def test_copied_reads_never_change_after_later_writes() -> None:
 def test_uncopied_reads_are_views_that_follow_later_writes() -> None:
     with bound_layout(COPY_SPACE, 3) as (layout, shm):
         for env in range(3):
-            layout.write_slot(_copy_space_sample(1), env)
+            layout.write_row(_copy_space_sample(1), env)
         batch = layout.read_batch(copy=False)
-        row = layout.read_slot(2, copy=False)
+        row = layout.read_row(2, copy=False)
 
         for env in range(3):
-            layout.write_slot(_copy_space_sample(4), env)
+            layout.write_row(_copy_space_sample(4), env)
 
         new = _copy_space_sample(4)
         assert (batch["image"] == new["image"]).all()
@@ -499,9 +499,9 @@ def test_live_views_keep_the_segment_from_closing() -> None:
     shm = shared_memory.SharedMemory(create=True, size=layout.nbytes, name=segment_name())
     segment = Segment(shm.buf)
     layout.bind(segment, shm.buf)
-    layout.write_slot({"a": np.ones(2, np.float32), "b": 2}, 1)
+    layout.write_row({"a": np.ones(2, np.float32), "b": 2}, 1)
     batch = layout.read_batch(copy=False)
-    row = layout.read_slot(1, copy=False)
+    row = layout.read_row(1, copy=False)
     layout.unbind()
     segment.release()
     try:
@@ -531,7 +531,7 @@ def attach_and_write(name: str, space: Space, n: int, samples: dict[int, object]
         try:
             layout.bind(segment, shm.buf)
             for env, sample in samples.items():
-                layout.write_slot(sample, env)
+                layout.write_row(sample, env)
         finally:
             layout.unbind()
             segment.release()
@@ -579,7 +579,7 @@ if __name__ == "__main__":
             child.start()
             child.join(60)
             assert child.exitcode == 0, child.exitcode
-            assert layout.read_slot(1)["goal"] == sample["goal"]
+            assert layout.read_row(1)["goal"] == sample["goal"]
     print("done")
 """
 
@@ -693,29 +693,29 @@ ERROR_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES), ids=list(ERROR_CASES))
-def test_write_slot_rejects_bad_values_naming_the_leaf(case: str) -> None:
+def test_write_row_rejects_bad_values_naming_the_leaf(case: str) -> None:
     mutate, path, *mentions = ERROR_CASES[case]
     space = copy.deepcopy(ERROR_SPACE)
     space.seed(3)
     with bound_layout(space, 3) as (layout, shm):
         for env in range(3):
-            layout.write_slot(space.sample(), env)
+            layout.write_row(space.sample(), env)
         before = segment_bytes(shm)
         # A fresh sample, so that a partial write of its valid leaves would show in the bytes.
         bad = mutate(space.sample())
         with pytest.raises(ValueError, match=re.escape(path) + ":") as excinfo:
-            layout.write_slot(bad, 1)
+            layout.write_row(bad, 1)
         for mention in mentions:
             assert mention in str(excinfo.value)
         assert segment_bytes(shm) == before
 
 
-def test_write_slot_checks_the_env_index() -> None:
+def test_write_row_checks_the_env_index() -> None:
     with bound_layout(Discrete(3), 2) as (layout, _):
         with pytest.raises(IndexError):
-            layout.write_slot(0, 2)
+            layout.write_row(0, 2)
         with pytest.raises(IndexError):
-            layout.write_slot(0, -1)
+            layout.write_row(0, -1)
 
 
 @pytest.mark.parametrize("bad, path", [
@@ -809,14 +809,14 @@ def test_register_layout_end_to_end() -> None:
     samples = [space.sample() for _ in range(3)]
     with bound_layout(space, 3) as (layout, shm):
         for env, sample in enumerate(samples):
-            layout.write_slot(sample, env)
+            layout.write_row(sample, env)
         batch = layout.read_batch()
         for env, sample in enumerate(samples):
-            assert_equivalent(layout.read_slot(env), sample)
+            assert_equivalent(layout.read_row(env), sample)
             assert_equivalent(batch["arm"][env], sample["arm"])
         before = segment_bytes(shm)
         with pytest.raises(ValueError, match=re.escape('obs["arm"]:')):
-            layout.write_slot({**samples[0], "arm": np.zeros(4, np.float32)}, 0)
+            layout.write_row({**samples[0], "arm": np.zeros(4, np.float32)}, 0)
         assert segment_bytes(shm) == before
 
 

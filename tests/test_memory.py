@@ -226,7 +226,7 @@ def test_copy_true_allocates_its_scratch_slot_only_when_a_step_needs_it():
         plan = envs._plan
         scratch = plan.observation_slots[-1]
         assert scratch.offset + scratch.nbytes == plan.nbytes  # the scratch slot ends it
-        path = os.path.join(SHM_DIR, envs._resources.shm.name)
+        path = os.path.join(SHM_DIR, envs._pool.resources.shm.name)
         allocated = os.stat(path).st_blocks * 512
         eager = plan.nbytes - scratch.nbytes
         assert eager <= allocated < eager + os.sysconf("SC_PAGE_SIZE")  # whole pages
@@ -260,8 +260,8 @@ def test_vector_env_on_the_fallback_matches_gymnasium(backend, context, copy, mo
     with pytest.warns(UserWarning, match=FALLBACK_WARNING):
         subject = fastvec.AsyncVectorEnv(_fns(n), num_workers=2, context=context, copy=copy)
     try:
-        assert subject._resources.shm is not None
-        assert subject._resources.shm.handle.kind == backend
+        assert subject._pool.resources.shm is not None
+        assert subject._pool.resources.shm.handle.kind == backend
         actions = batch_space(spaces.Discrete(3), n)
         actions.seed(0)
         assert data_equivalence(reference.reset(seed=0), subject.reset(seed=0), exact=True)
@@ -282,7 +282,7 @@ def test_restart_workers_reattach_to_the_fallback(fallback, context):
         actions = np.ones(4, dtype=np.int64)
         envs.reset(seed=0)
         envs.step(actions)
-        victim = envs._resources.processes[1]
+        victim = envs._pool.resources.processes[1]
         os.kill(victim.pid, 9)
         victim.join(5)
         with pytest.warns(UserWarning, match="restarted it as pid"):
@@ -311,8 +311,8 @@ PARENT_DEATH_SCRIPT = textwrap.dedent("""
                                           context={context!r})
         envs.reset(seed=0)
         envs.step(np.ones(4, dtype=np.int64))
-        print(json.dumps({{"name": envs._resources.shm.name,
-                          "pids": [p.pid for p in envs._resources.processes]}}), flush=True)
+        print(json.dumps({{"name": envs._pool.resources.shm.name,
+                          "pids": [p.pid for p in envs._pool.resources.processes]}}), flush=True)
         time.sleep(60)
 """)
 
@@ -405,9 +405,9 @@ SMALL_SHM_SCRIPT = textwrap.dedent("""
             assert (obs[:, 0, 0, 0] == (expected + t) % 251).all()
             assert (obs[:, -1, -1, -1] == (expected + t) % 251).all()
             assert (rewards == 1.0).all()
-        report = {"kind": envs._resources.shm.handle.kind, "nbytes": envs._plan.nbytes,
+        report = {"kind": envs._pool.resources.shm.handle.kind, "nbytes": envs._plan.nbytes,
                   "free": free, "warnings": [str(w.message) for w in caught],
-                  "workers_alive": all(p.is_alive() for p in envs._resources.processes)}
+                  "workers_alive": all(p.is_alive() for p in envs._pool.resources.processes)}
         del obs
         envs.close()
         report["left_in_shm"] = [n for n in os.listdir("/dev/shm") if n.startswith("fastvec_")]

@@ -38,18 +38,18 @@ from hypothesis.extra import numpy as hnp
 
 import fastvec
 import robust_envs
-from fastvec import _protocol as P
+from fastvec import _segment as P
 
 TESTS_DIR = Path(__file__).resolve().parent
 SHM_DIR = "/dev/shm"
 
 
 def workers_of(envs: fastvec.AsyncVectorEnv) -> list[psutil.Process]:
-    return [psutil.Process(p.pid) for p in envs._resources.processes]
+    return [psutil.Process(p.pid) for p in envs._pool.resources.processes]
 
 
 def all_alive(envs: fastvec.AsyncVectorEnv) -> bool:
-    return all(p.is_alive() for p in envs._resources.processes)
+    return all(p.is_alive() for p in envs._pool.resources.processes)
 
 
 def slow_fns(n: int = 4, **kwargs: Any) -> list:
@@ -68,8 +68,8 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     fns = [functools.partial(robust_envs.SlowEnv, i) for i in range(4)]
     envs = fastvec.AsyncVectorEnv(fns, num_workers=2, context=context)
     envs.reset(seed=0)
-    segment = envs._resources.shm.name
-    workers = [p.pid for p in envs._resources.processes]
+    segment = envs._pool.resources.shm.name
+    workers = [p.pid for p in envs._pool.resources.processes]
     if wait == "step":
         envs.set_attr("step_delay", 2.0)
         envs.step_async(np.array([1, 2, 3, 0]))
@@ -226,7 +226,7 @@ def test_close_terminate_after_a_timeout_ends_everything_at_once(call):
     envs = fastvec.AsyncVectorEnv(slow_fns(4), num_workers=2)
     try:
         envs.reset(seed=0)
-        segment = envs._resources.shm.name
+        segment = envs._pool.resources.shm.name
         workers = workers_of(envs)
         if call == "reset":
             envs.set_attr("reset_delay", 30.0)
@@ -656,7 +656,7 @@ def _soak(total_env_steps: int, num_envs: int = 16) -> dict[str, Any]:
     with fastvec.AsyncVectorEnv(fns) as envs:
         workers = workers_of(envs)
         envs.reset(seed=0)
-        own = envs._resources.shm.name.lstrip("/")
+        own = envs._pool.resources.shm.name.lstrip("/")
         segments_during = _mapped_segments([parent, *workers])
         start = time.perf_counter()
         for t in range(vector_steps):
@@ -727,7 +727,7 @@ def test_soak_one_million_steps():
 def test_segment_mode_and_unguessable_names():
     with fastvec.AsyncVectorEnv(slow_fns(2), num_workers=2) as first, \
             fastvec.AsyncVectorEnv(slow_fns(2), num_workers=1) as second:
-        names = [first._resources.shm.name.lstrip("/"), second._resources.shm.name.lstrip("/")]
+        names = [first._pool.resources.shm.name.lstrip("/"), second._pool.resources.shm.name.lstrip("/")]
         for name in names:
             assert re.fullmatch(r"fastvec_[0-9a-f]{24}", name), name
             info = os.stat(os.path.join(SHM_DIR, name))

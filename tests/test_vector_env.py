@@ -37,6 +37,7 @@ import envs as test_envs
 from conftest import _created_here as created_here
 from conftest import fastvec_segments
 import fastvec
+from fastvec._pool import WorkerPool
 from fastvec.errors import RemoteTraceback
 
 NEXT, SAME, DISABLED = AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED
@@ -1100,7 +1101,7 @@ def test_pin_workers(pin):
     fns = [functools.partial(test_envs.SpaceEnv, ARRAY_SPACE, index=i) for i in range(3)]
     with fastvec.AsyncVectorEnv(fns, num_workers=2, pin_workers=pin) as envs:
         envs.reset(seed=0)
-        workers = [psutil.Process(p.pid) for p in envs._resources.processes]
+        workers = [psutil.Process(p.pid) for p in envs._pool.resources.processes]
         affinities = [sorted(w.cpu_affinity()) for w in workers]
     if pin:
         assert affinities == [[cores[0]], [cores[1 % len(cores)]]]
@@ -1121,7 +1122,7 @@ def test_unpicklable_info_and_call_result_are_errors_of_their_env():
             with pytest.raises(TypeError, match="result of env 1 cannot be pickled"):
                 envs.call("get_lock")
         assert any("Worker-1" in str(w.message) for w in record)
-        assert all(p.is_alive() for p in envs._resources.processes)
+        assert all(p.is_alive() for p in envs._pool.resources.processes)
         assert envs.get_attr("bad") == (False, True, False)
 
 
@@ -1142,8 +1143,8 @@ def test_a_step_pickles_nothing_without_infos_or_errors(monkeypatch):
     with fastvec.AsyncVectorEnv(fns, num_workers=2) as envs:
         envs.reset(seed=0)
         received = []
-        original = fastvec.AsyncVectorEnv._recv
-        monkeypatch.setattr(fastvec.AsyncVectorEnv, "_recv",
+        original = WorkerPool.recv
+        monkeypatch.setattr(WorkerPool, "recv",
                             lambda self, w: received.append(w) or original(self, w))
         episodes_ended = 0
         for _ in range(300):
@@ -1178,5 +1179,5 @@ def test_an_exception_whose_str_fails_does_not_kill_the_worker():
         with pytest.warns(UserWarning):
             with pytest.raises(test_envs.BrokenStrError):
                 envs.step(np.zeros(2, np.int64))
-        assert all(p.is_alive() for p in envs._resources.processes)
+        assert all(p.is_alive() for p in envs._pool.resources.processes)
         assert envs.get_attr("bad") == (True, False)

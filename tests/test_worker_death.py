@@ -44,7 +44,7 @@ from gymnasium.vector import AutoresetMode
 
 import crash_envs
 import fastvec
-from fastvec import _protocol as P
+from fastvec import _segment as P
 from fastvec.errors import WorkerDiedError
 
 N = 4  # with two workers: worker 1 runs envs 2 and 3
@@ -76,7 +76,7 @@ def make(fns: list | None = None, **kwargs: Any) -> fastvec.AsyncVectorEnv:
 
 
 def worker_pids(envs: fastvec.AsyncVectorEnv) -> list[int]:
-    return [process.pid for process in envs._resources.processes]
+    return [process.pid for process in envs._pool.resources.processes]
 
 
 def is_gone(pid: int) -> bool:
@@ -121,12 +121,12 @@ def assert_death(error: BaseException, worker: int, pid: int | None, how: str,
 
 def close_quickly(envs: fastvec.AsyncVectorEnv) -> None:
     """``close()`` returns within 2 s, without raising, and releases every process."""
-    pids = [p.pid for p in envs._resources.processes]
+    pids = [p.pid for p in envs._pool.resources.processes]
     start = time.monotonic()
     envs.close()
     assert time.monotonic() - start < CLOSE_LIMIT
     assert envs.closed
-    assert envs._resources.processes == [] and envs._resources.shm is None
+    assert envs._pool.resources.processes == [] and envs._pool.resources.shm is None
     assert all(is_gone(pid) for pid in pids)
 
 
@@ -584,7 +584,7 @@ def test_restart_gives_back_the_concurrency_permit_the_dead_worker_held():
         deadline = time.monotonic() + 2.0
         holder = None
         while holder is None and time.monotonic() < deadline:
-            holder = next((w for w in range(2) if envs._doorbells.load(lines[w])), None)
+            holder = next((w for w in range(2) if envs._pool.doorbells.load(lines[w])), None)
         assert holder is not None
         pid = worker_pids(envs)[holder]
         os.kill(pid, signal.SIGKILL)
@@ -652,8 +652,8 @@ def build():
     return fastvec.AsyncVectorEnv(crash_envs.crash_fns(4), num_workers=2, context=CONTEXT)
 
 def report(envs):
-    print(json.dumps({{"pids": [p.pid for p in envs._resources.processes],
-                      "segment": envs._resources.shm.name}}), flush=True)
+    print(json.dumps({{"pids": [p.pid for p in envs._pool.resources.processes],
+                      "segment": envs._pool.resources.shm.name}}), flush=True)
 """
 
 PARENT_BODIES = {

@@ -18,7 +18,7 @@ from typing_extensions import assert_type
 
 import fastvec
 from fastvec import AsyncVectorEnv, errors, make_vec, register_layout
-from fastvec._kernels import Node, Segment, read_batch, write_slot
+from fastvec._kernels import Node, Segment, read_batch, write_row
 from fastvec._sync import HAVE_FUTEX, Doorbells
 
 
@@ -79,7 +79,7 @@ def compiled_modules(buffer: bytearray) -> None:
     assert_type(segment.size, int)
     assert_type(segment.released, bool)
     node = Node(0, offset=0, shape=(2,))
-    assert_type(write_slot(segment, node, [1, 2], 0), bool)
+    assert_type(write_row(segment, node, [1, 2], 0), bool)
     read_batch(node, copy=False)
     segment.release()
     Segment()  # type: ignore[call-arg]

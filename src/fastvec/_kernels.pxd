@@ -59,7 +59,7 @@ cdef class Node:
     cdef readonly int min_length
     cdef public object batch_view
 
-    cdef int gather_slot(self, Segment segment, object value, Py_ssize_t env, ItemList *items) except -1
+    cdef int gather_row(self, Segment segment, object value, Py_ssize_t env, ItemList *items) except -1
     cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n, ItemList *items) except -1
     cdef object read_row(self, Py_ssize_t env, bint copy)
     cdef object read_batch(self, bint copy)

@@ -183,7 +183,7 @@ cdef class Node:
         if self.cshape != NULL:
             free(self.cshape)
 
-    cdef int gather_slot(self, Segment segment, object value, Py_ssize_t env, ItemList *items) except -1:
+    cdef int gather_row(self, Segment segment, object value, Py_ssize_t env, ItemList *items) except -1:
         cdef Item *item
         cdef Node child
         cdef Py_ssize_t i, length
@@ -215,7 +215,7 @@ cdef class Node:
                 return 0
             for i in range(len(self.children)):
                 child = <Node> self.children[i]
-                if not child.gather_slot(segment, (<tuple> value)[i], env, items):
+                if not child.gather_row(segment, (<tuple> value)[i], env, items):
                     return 0
             return 1
         if self.kind == KIND_DICT:
@@ -226,7 +226,7 @@ cdef class Node:
                 if entry == NULL:
                     return 0
                 child = <Node> self.children[i]
-                if not child.gather_slot(segment, <object> entry, env, items):
+                if not child.gather_row(segment, <object> entry, env, items):
                     return 0
             return 1
         if self.kind == KIND_TEXT:
@@ -266,7 +266,7 @@ cdef class Node:
             item.is_scalar = 1
             item.scalar = number
             child = <Node> self.children[number]
-            return child.gather_slot(segment, (<tuple> value)[1], env, items)
+            return child.gather_row(segment, (<tuple> value)[1], env, items)
         return 0
 
     cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n, ItemList *items) except -1:
@@ -303,7 +303,7 @@ cdef class Node:
         if not isinstance(value, tuple) or len(<tuple> value) != n:
             return 0
         for i in range(n):
-            if not self.gather_slot(segment, (<tuple> value)[i], i, items):
+            if not self.gather_row(segment, (<tuple> value)[i], i, items):
                 return 0
         return 1
 
@@ -354,20 +354,16 @@ cdef class Node:
         n = self.batch_view.shape[0]
         return tuple([self.read_row(i, copy) for i in range(n)])
 
-    def view(self):
-        """Read the batch without copying (Text and OneOf are decoded anew)."""
-        return self.read_batch(False)
 
-
-def write_slot(Segment segment, Node node, object value, Py_ssize_t env):
-    """Copy one env's sample into its slot; ``False`` (nothing written) if it needs converting."""
+def write_row(Segment segment, Node node, object value, Py_ssize_t env):
+    """Copy one env's sample into its row; ``False`` (nothing written) if it needs converting."""
     cdef ItemList items
     cdef int ok
     items.items = NULL
     items.count = 0
     items.capacity = 0
     try:
-        ok = node.gather_slot(segment, value, env, &items)
+        ok = node.gather_row(segment, value, env, &items)
         if ok:
             items_copy(segment, &items)
         return ok == 1
@@ -391,7 +387,7 @@ def write_batch(Segment segment, Node node, object value, Py_ssize_t n):
         items_free(&items)
 
 
-def read_slot(Node node, Py_ssize_t env, bint copy=True):
+def read_row(Node node, Py_ssize_t env, bint copy=True):
     """One env's sample (copied unless ``copy`` is false)."""
     return node.read_row(env, copy)
 

@@ -25,7 +25,8 @@ __all__ = [
     "DynamicShapeError",
     "Layout",
     "Leaf",
-    "compile_layout",
+    "LeafError",
+    "describe",
     "register_layout",
     "align",
 ]
@@ -54,6 +55,14 @@ class DynamicShapeError(TypeError):
             "`shared_memory=False` to send its observations through pipes instead."
         )
         self.space = space
+
+
+class LeafError(ValueError):
+    """A value that does not fit its space, naming the leaf: ``obs["camera"]: expected ...``.
+
+    Raised by :meth:`Layout.write_row` and :meth:`Layout.write_batch` (nothing is written
+    then), so callers can tell it from an error of their own code by its type.
+    """
 
 
 def align(nbytes: int) -> int:
@@ -276,8 +285,8 @@ class Layout:
         return self._segment
 
     # -- writes ---------------------------------------------------------------------------
-    def write_slot(self, value: Any, env: int) -> None:
-        """Write one env's sample into its slot, converting it if needed.
+    def write_row(self, value: Any, env: int) -> None:
+        """Write one env's sample into its row, converting it if needed.
 
         Raises ``ValueError`` naming the leaf path when the value does not fit; nothing is
         written then.
@@ -285,10 +294,10 @@ class Layout:
         if not 0 <= env < self.n:
             raise IndexError(f"env index {env} out of range for {self.n} environments")
         segment = self.segment
-        if _kernels.write_slot(segment, self.root, value, env):
+        if _kernels.write_row(segment, self.root, value, env):
             return
         canonical = _coerce(self.root, value, self.path)
-        if not _kernels.write_slot(segment, self.root, canonical, env):
+        if not _kernels.write_row(segment, self.root, canonical, env):
             raise AssertionError(f"{self.path}: converted value still refused by the kernel")
 
     def write_batch(self, value: Any) -> None:
@@ -305,17 +314,11 @@ class Layout:
         """The batch, as Gymnasium's shared-memory reader shapes it."""
         return _kernels.read_batch(self.root, copy)
 
-    def read_slot(self, env: int, copy: bool = True) -> Any:
+    def read_row(self, env: int, copy: bool = True) -> Any:
         """One env's sample, as ``gymnasium.vector.utils.iterate`` would give it."""
         if not 0 <= env < self.n:
             raise IndexError(f"env index {env} out of range for {self.n} environments")
-        return _kernels.read_slot(self.root, env, copy)
-
-
-def compile_layout(space: spaces.Space, n: int, base_offset: int = 0, *,
-                   check_range: bool = True, path: str = "obs") -> Layout:
-    """Compile ``space`` for ``n`` environments. See :class:`Layout`."""
-    return Layout(space, n, base_offset, check_range=check_range, path=path)
+        return _kernels.read_row(self.root, env, copy)
 
 
 # -- the slow path: validate, explain, convert ----------------------------------------------
@@ -323,7 +326,8 @@ def _key_path(path: str, key: Any) -> str:
     return f'{path}["{key}"]' if isinstance(key, str) else f"{path}[{key!r}]"
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A short description of ``value`` for error messages."""
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape} and dtype {value.dtype}"
     text = repr(value)
@@ -337,11 +341,11 @@ def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.n
     try:
         array = np.asarray(value)
     except Exception as exc:  # ragged nesting and the like
-        raise ValueError(f"{path}: expected an array of shape {shape} and dtype {dtype}, "
-                         f"got {_describe(value)} ({exc})") from None
+        raise LeafError(f"{path}: expected an array of shape {shape} and dtype {dtype}, "
+                         f"got {describe(value)} ({exc})") from None
     if array.shape != shape:
-        raise ValueError(f"{path}: expected shape {shape}, got shape {array.shape}"
-                         f" ({_describe(value)})")
+        raise LeafError(f"{path}: expected shape {shape}, got shape {array.shape}"
+                         f" ({describe(value)})")
     if array.dtype == dtype:
         return _contiguous(array, dtype)
     if array.dtype.kind in "biu" and dtype.kind in "iu":
@@ -349,10 +353,10 @@ def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.n
             info = np.iinfo(dtype)
             low, high = array.min(), array.max()
             if low < info.min or high > info.max:
-                raise ValueError(f"{path}: values in [{low}, {high}] do not fit dtype {dtype}")
+                raise LeafError(f"{path}: values in [{low}, {high}] do not fit dtype {dtype}")
         return _contiguous(array, dtype)
     if array.dtype.kind == "O" or not np.can_cast(array.dtype, dtype, casting="same_kind"):
-        raise ValueError(f"{path}: cannot cast dtype {array.dtype} to the leaf dtype {dtype} "
+        raise LeafError(f"{path}: cannot cast dtype {array.dtype} to the leaf dtype {dtype} "
                          "safely")
     return _contiguous(array, dtype)
 
@@ -367,10 +371,10 @@ def _as_index(node: Node, value: Any, path: str) -> int:
     if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "biu":
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{path}: expected an integer, got {_describe(value)}")
+        raise LeafError(f"{path}: expected an integer, got {describe(value)}")
     number = int(value)
     if not node.low <= number <= node.high:
-        raise ValueError(f"{path}: expected an integer in [{node.low}, {node.high}], "
+        raise LeafError(f"{path}: expected an integer in [{node.low}, {node.high}], "
                          f"got {number}")
     return number
 
@@ -383,46 +387,46 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
         return _as_index(node, value, path)
     if kind == _KIND["text"]:
         if not isinstance(value, str):
-            raise ValueError(f"{path}: expected a str, got {_describe(value)}")
+            raise LeafError(f"{path}: expected a str, got {describe(value)}")
         if not node.min_length <= len(value) <= node.max_length:
-            raise ValueError(f"{path}: expected a str of length {node.min_length} to "
+            raise LeafError(f"{path}: expected a str of length {node.min_length} to "
                              f"{node.max_length}, got length {len(value)}")
         unknown = sorted(set(value) - node.charmap.keys())
         if unknown:
-            raise ValueError(f"{path}: characters {''.join(unknown)!r} are not in the "
+            raise LeafError(f"{path}: characters {''.join(unknown)!r} are not in the "
                              "space's charset")
         return str(value)
     if kind == _KIND["tuple"]:
         if not isinstance(value, (tuple, list)) or len(value) != len(node.children):
-            raise ValueError(f"{path}: expected a tuple of length {len(node.children)}, "
-                             f"got {_describe(value)}")
+            raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
+                             f"got {describe(value)}")
         return tuple(_coerce(child, item, f"{path}[{i}]")
                      for i, (child, item) in enumerate(zip(node.children, value)))
     if kind == _KIND["dict"]:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{path}: expected a dict with keys {list(node.keys)}, "
-                             f"got {_describe(value)}")
+            raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
+                             f"got {describe(value)}")
         missing = [k for k in node.keys if k not in value]
         extra = [k for k in value if k not in node.keys]
         if missing or extra:
-            raise ValueError(f"{path}: expected keys {list(node.keys)}, got keys "
+            raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
                              f"{list(value)} (missing {missing}, unexpected {extra})")
         return {k: _coerce(child, value[k], _key_path(path, k))
                 for k, child in zip(node.keys, node.children)}
     if kind == _KIND["oneof"]:
         if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise ValueError(f"{path}: expected a pair (subspace index, sample), got "
-                             f"{_describe(value)}")
+            raise LeafError(f"{path}: expected a pair (subspace index, sample), got "
+                             f"{describe(value)}")
         index = value[0]
         if isinstance(index, np.ndarray) and index.shape == ():
             index = index.item()
         if (isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer))
                 or not 0 <= int(index) < len(node.children)):
-            raise ValueError(f"{path}[0]: expected a subspace index in "
-                             f"[0, {len(node.children) - 1}], got {_describe(index)}")
+            raise LeafError(f"{path}[0]: expected a subspace index in "
+                             f"[0, {len(node.children) - 1}], got {describe(index)}")
         index = int(index)
         return (index, _coerce(node.children[index], value[1], f"{path}[1]"))
-    raise ValueError(f"{path}: unsupported node kind {kind}")
+    raise LeafError(f"{path}: unsupported node kind {kind}")
 
 
 def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
@@ -431,22 +435,22 @@ def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
         return _as_array(node, value, path, (n, *node.shape))
     if kind == _KIND["tuple"]:
         if not isinstance(value, (tuple, list)) or len(value) != len(node.children):
-            raise ValueError(f"{path}: expected a tuple of length {len(node.children)}, "
-                             f"got {_describe(value)}")
+            raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
+                             f"got {describe(value)}")
         return tuple(_coerce_batch(child, item, f"{path}[{i}]", n)
                      for i, (child, item) in enumerate(zip(node.children, value)))
     if kind == _KIND["dict"]:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{path}: expected a dict with keys {list(node.keys)}, "
-                             f"got {_describe(value)}")
+            raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
+                             f"got {describe(value)}")
         missing = [k for k in node.keys if k not in value]
         extra = [k for k in value if k not in node.keys]
         if missing or extra:
-            raise ValueError(f"{path}: expected keys {list(node.keys)}, got keys "
+            raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
                              f"{list(value)} (missing {missing}, unexpected {extra})")
         return {k: _coerce_batch(child, value[k], _key_path(path, k), n)
                 for k, child in zip(node.keys, node.children)}
     # Text and OneOf batches are a sequence of n per-env samples.
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n:
-        raise ValueError(f"{path}: expected a sequence of {n} samples, got {_describe(value)}")
+        raise LeafError(f"{path}: expected a sequence of {n} samples, got {describe(value)}")
     return tuple(_coerce(node, item, f"{path}[{i}]") for i, item in enumerate(value))

@@ -1,18 +1,18 @@
-"""fastvec.AsyncVectorEnv: Gymnasium's AsyncVectorEnv over one shared-memory segment."""
+"""fastvec.AsyncVectorEnv: Gymnasium's AsyncVectorEnv as a thin face over a worker pool.
+
+This module holds Gymnasium's API and semantics: argument checks, the call states
+(:class:`AsyncState`, owned here only), the spaces, the observation slots handed to the
+caller, info batching and the wording of every error. Processes, doorbells and waiting are the
+pool's (:mod:`fastvec._pool`).
+"""
 
 from __future__ import annotations
 
 import multiprocessing
-import os
-import pickle
-import signal
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from enum import Enum
-from multiprocessing import connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import gymnasium
@@ -26,28 +26,20 @@ from gymnasium.error import (
 )
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import (
-    CloudpickleWrapper,
     batch_differing_spaces,
     batch_space,
-    clear_mpi_env_vars,
     concatenate,
     create_empty_array,
     iterate,
 )
 
-from fastvec import _memory
-from fastvec import _protocol as P
-from fastvec._kernels import Segment
-from fastvec._sync import Doorbells
-from fastvec.errors import (
-    RemoteTraceback,
-    WorkerDiedError,
-    WorkerStartTimeoutError,
-    invalid_actions,
-)
-from fastvec.worker import worker_main
+from fastvec import _messages as M
+from fastvec._pool import WorkerPool, default_num_workers, finalize, usable_cores
+from fastvec._remote_errors import EnvError, raise_logged
+from fastvec._segment import SegmentPlan
+from fastvec.errors import WorkerDiedError, invalid_actions
 
-__all__ = ["AsyncVectorEnv", "AsyncState"]
+__all__ = ["AsyncState", "AsyncVectorEnv"]
 
 
 # Observation slots handed out with copy=True before falling back to copying (plus one scratch).
@@ -57,10 +49,6 @@ RECYCLED_SLOTS = 2
 # first-run asset downloads can legitimately take minutes per env.
 DEFAULT_START_TIMEOUT = 600.0
 
-# Commands during which restart_workers=True replaces a dead worker (construction and close
-# do not: there a death raises WorkerDiedError, or is ignored by close).
-_RESTARTABLE = frozenset({"step", "reset", "call", "set_attr"})
-
 
 class AsyncState(Enum):
     """What the vector env is waiting for."""
@@ -69,113 +57,6 @@ class AsyncState(Enum):
     WAITING_RESET = "reset"
     WAITING_STEP = "step"
     WAITING_CALL = "call"
-
-
-def _affinity() -> set[int]:
-    try:
-        return os.sched_getaffinity(0)
-    except AttributeError:  # not Linux: no pinning
-        return set()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (``os.sched_getaffinity`` where it exists)."""
-    return len(_affinity()) or os.cpu_count() or 1
-
-
-def default_num_workers(num_envs: int) -> int:
-    """The usable cores, never more than ``num_envs``."""
-    return max(1, min(usable_cores(), num_envs))
-
-
-def split_groups(num_envs: int, num_workers: int) -> list[range]:
-    """Contiguous, near-equal groups of env indices, one per worker."""
-    base, extra = divmod(num_envs, num_workers)
-    groups, start = [], 0
-    for w in range(num_workers):
-        stop = start + base + (1 if w < extra else 0)
-        groups.append(range(start, stop))
-        start = stop
-    return groups
-
-
-def _kill_group(pid: int | None) -> None:
-    """SIGKILL what is left of worker ``pid``'s process group: the processes its envs started.
-
-    The group's id is the worker's pid, which cannot be reused while the group has members.
-    """
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # nothing left (or not ours to end)
-        pass
-
-
-class _Resources:
-    """Everything that must be released exactly once, even if the env is never closed.
-
-    Held apart from the env so that a ``weakref.finalize`` can clean up without keeping the
-    env alive.
-    """
-
-    def __init__(self) -> None:
-        self.shm: _memory.SharedSegment | None = None
-        self.doorbells: Doorbells | None = None
-        self.segment: Segment | None = None
-        self.plan: P.SegmentPlan | None = None
-        self.results: tuple | None = None
-        self.processes: list = []
-        self.pipes: list = []
-
-    def terminate_workers(self) -> None:
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-
-    def shutdown(self, join_timeout: float = 2.0) -> None:
-        for pipe in self.pipes:
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        self.pipes = []
-        deadline = time.monotonic() + join_timeout
-        # wait for the exits without reaping: an unreaped worker's pid (its group's id)
-        # cannot be reused, so the group kill reaches only what its envs left behind
-        sentinels = {process.sentinel for process in self.processes}
-        while sentinels and time.monotonic() < deadline:
-            sentinels -= set(connection.wait(list(sentinels),
-                                             max(0.0, deadline - time.monotonic())))
-        for process in self.processes:
-            _kill_group(process.pid)  # a worker still running goes with it
-        for process in self.processes:
-            process.join(1.0)
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)
-        for process in self.processes:
-            try:
-                process.close()
-            except ValueError:
-                pass
-        self.processes = []
-        self.release_segment()
-
-    def release_segment(self) -> None:
-        if self.plan is not None:
-            self.plan.unbind()
-        self.results = None
-        if self.segment is not None:
-            self.segment.release()
-            self.segment = None
-        if self.doorbells is not None:
-            self.doorbells.release()
-            self.doorbells = None
-        shm, self.shm = self.shm, None
-        if shm is not None:
-            shm.close()  # copy=False views the caller still holds keep their mapping
-            shm.unlink()
 
 
 class AsyncVectorEnv(VectorEnv):
@@ -290,15 +171,7 @@ class AsyncVectorEnv(VectorEnv):
         start_timeout: float | None = DEFAULT_START_TIMEOUT,
     ) -> None:
         self._state = AsyncState.DEFAULT
-        self._broken: WorkerDiedError | None = None
         self.restart_workers = bool(restart_workers)
-        self._closing = False
-        self._restarting = False
-        # workers found dead during the current command, before it is resolved
-        self._lost: set[int] = set()
-        # replacements started during the current step: (worker, their reset reply)
-        self._replaced: list[tuple[int, Any]] = []
-        self._resources = _Resources()
         self.closed = False
         self.env_fns = env_fns
         self.shared_memory = shared_memory
@@ -347,7 +220,6 @@ class AsyncVectorEnv(VectorEnv):
         self.num_workers = int(num_workers)
         self.pin_workers = (self.num_workers == usable_cores() if pin_workers is None
                             else bool(pin_workers))
-        self._spin = P.SpinBudget()
 
         dummy_env = env_fns[0]()
         try:
@@ -381,7 +253,7 @@ class AsyncVectorEnv(VectorEnv):
             del dummy_env
 
         try:
-            plan = P.SegmentPlan(
+            plan = SegmentPlan(
                 self.num_envs, self.num_workers, self.single_action_space,
                 self.single_observation_space if shared_memory else None,
                 check_obs_range=observation_mode == "same",
@@ -396,95 +268,39 @@ class AsyncVectorEnv(VectorEnv):
         # the observation slot the last reset/step wrote, and whether it must be copied out
         self._slot = 0
         self._copy_out = not copy
-        self._groups = split_groups(self.num_envs, self.num_workers)
-        if shared_memory:
-            self.observations = None
-            self._pipe_obs = None
-        else:
+        self.observations: Any = None
+        self._pipe_obs: list[Any] = []
+        if not shared_memory:
             self.observations = create_empty_array(self.single_observation_space,
                                                    n=self.num_envs, fn=np.zeros)
             self._pipe_obs = [None] * self.num_envs
 
-        self._start(plan)
-        weakref.finalize(self, _finalize, self._resources)
+        slots = plan.observation_slots
+        # copy=True's scratch slot ends the segment: allocated only when a step first needs it
+        scratch = plan.nbytes - slots[RECYCLED_SLOTS].offset if len(slots) > 1 else 0
+        self._pool = pool = WorkerPool(
+            env_fns, plan, scratch, context=context, daemon=daemon,
+            autoreset_mode=self.autoreset_mode, max_concurrency=max_concurrency,
+            pin_workers=self.pin_workers, restart_workers=self.restart_workers,
+            start_timeout=self.start_timeout)
+        self._groups = pool.groups
+        try:
+            pool.start()
+        except _UNREGISTERED as exc:
+            if pool.start_method != "fork":
+                _add_note(exc, _UNREGISTERED_HINT)
+            self.closed = True
+            raise
+        except BaseException:
+            self.closed = True
+            raise
+        weakref.finalize(self, finalize, pool.resources)
         try:
             self._check_spaces()
         except BaseException:
             # the caller never gets the env: free the workers and the segment now
             self.close(terminate=True)
             raise
-
-    # -- construction ----------------------------------------------------------------------
-    def _start(self, plan: P.SegmentPlan) -> None:
-        res = self._resources
-        ctx = multiprocessing.get_context(self.context)
-        res.plan = plan
-        slots = plan.observation_slots
-        # copy=True's scratch slot ends the segment: allocated only when a step first needs it
-        scratch = plan.nbytes - slots[RECYCLED_SLOTS].offset if len(slots) > 1 else 0
-        res.shm = _memory.create(plan.nbytes, lazy_tail=scratch)
-        buffer = res.shm.buf
-        assert buffer is not None
-        plan.write_header(buffer)
-        res.doorbells = Doorbells(buffer)
-        res.segment = Segment(buffer)
-        plan.bind(res.segment, buffer)
-        res.results = plan.result_arrays(buffer)
-        self._doorbells = res.doorbells
-        self._pending = plan.parent_line + P.PENDING
-        self._ctx = ctx
-        self._semaphore = (ctx.BoundedSemaphore(self.max_concurrency)
-                           if self.max_concurrency is not None else None)
-        self._cores = sorted(_affinity())
-        try:
-            for w in range(self.num_workers):
-                process, parent_pipe = self._launch(w)
-                res.pipes.append(parent_pipe)
-                res.processes.append(process)  # only started processes can be joined
-            started = self._await_start(range(self.num_workers))
-            errors = [data for (kind, data), *_ in started.values() if kind == "init_error"]
-            if errors:
-                try:
-                    self._raise_errors(errors)
-                except _UNREGISTERED as exc:
-                    if ctx.get_start_method() != "fork":
-                        _add_note(exc, _UNREGISTERED_HINT)
-                    raise
-        except BaseException:
-            res.terminate_workers()
-            res.shutdown()
-            self.closed = True
-            raise
-
-    def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None) -> tuple:
-        """Start the process of worker ``w``; return it and the parent's end of its pipe."""
-        group = self._groups[w]
-        shm = self._resources.shm
-        assert shm is not None
-        cores = self._cores
-        core = cores[w % len(cores)] if self.pin_workers and cores else None
-        # a replacement starts from scratch, whatever its predecessor reported
-        self._doorbells.store(self._plan.worker_line(w) + P.STATUS, P.STATUS_STARTING)
-        with clear_mpi_env_vars():
-            parent_pipe, child_pipe = self._ctx.Pipe()
-            env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
-            process = self._ctx.Process(
-                target=worker_main,
-                name=f"Worker<{type(self).__name__}>-{w}",
-                args=(w, group.start, env_fns, child_pipe, parent_pipe, self._plan,
-                      shm.handle, self.autoreset_mode, self.shared_memory,
-                      self._semaphore, os.getpid(), core),
-                kwargs={"initial_reset": initial_reset},
-                daemon=self.daemon,
-            )
-            try:
-                process.start()
-            except BaseException:
-                parent_pipe.close()
-                raise
-            finally:
-                child_pipe.close()
-        return process, parent_pipe
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -512,333 +328,23 @@ class AsyncVectorEnv(VectorEnv):
             if not slots[slot].in_use():
                 self._copy_out = False
                 return slot
-        assert self._resources.shm is not None
-        self._resources.shm.allocate_tail()  # the scratch slot's pages, once
+        self._pool.allocate_scratch()
         self._copy_out = True
         return RECYCLED_SLOTS
 
-    def _ring(self, command: int, messages: list | None = None, slot: int = 0) -> None:
-        # pickled before any doorbell rings: a message that cannot be pickled raises here,
-        # with no worker left waiting for it
-        payloads = None
-        if messages is not None:
-            cache: dict[int, Any] = {}  # call sends one message object to every worker
-            payloads = [cache.get(id(m)) or cache.setdefault(id(m), ForkingPickler.dumps(m))
-                        for m in messages]
-        doorbells = self._doorbells
-        self._lost = set()
-        doorbells.store(self._pending, self.num_workers)
-        for w in range(self.num_workers):
-            line = self._plan.worker_line(w)
-            doorbells.store(line + P.SLOT, slot)
-            doorbells.store(line + P.CMD, command)
-            doorbells.store(line + P.CMD_SEQ, (doorbells.load(line + P.CMD_SEQ) + 1) & 0xFFFFFFFF)
-            doorbells.wake(line + P.CMD_SEQ, 1)
-            if payloads is not None:
-                # after the doorbell: the worker is reading, so a message larger than the
-                # pipe's buffer cannot block us
-                try:
-                    self._resources.pipes[w].send_bytes(payloads[w])
-                except OSError:  # EPIPE: the worker is gone; the wait reports it
-                    self._mark_lost(w)
-
-    def _wait_pending(self, timeout: float | None, name: str) -> list:
-        """Wait until every worker finished the command; return each worker's pipe reply.
-
-        A dead worker raises :class:`WorkerDiedError` within a wait slice. With
-        ``restart_workers`` (and a command a replacement can absorb), the wait goes on until
-        the other workers are done, then the dead ones are replaced; see ``_replace_lost``.
-        """
-        doorbells = self._doorbells
-        pending = self._pending
-        restart = self.restart_workers and not self._closing and name in _RESTARTABLE
-        lost = self._lost
-        if lost and not restart:
-            self._worker_died(min(lost))
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
-        spin_until = start + self._spin.budget()
-        # workers are checked every slice, also when other workers' progress woke us
-        next_check = start + P.WAIT_SLICE
-        while True:
-            value = doorbells.load(pending)
-            if value == 0 or (lost and self._survivors_done()):
-                break
-            now = time.monotonic()
-            if now >= next_check:
-                self._check_workers(restart)
-                next_check = now + P.WAIT_SLICE
-            wait = next_check - now
-            if lost:  # nobody will wake us: poll the survivors' done marks
-                wait = min(wait, P.WAIT_SLICE / 10)
-            if deadline is not None:
-                remaining = deadline - now
-                if remaining <= 0:
-                    raise multiprocessing.TimeoutError(
-                        f"The call to `{name}_wait` has timed out after {timeout} second(s)."
-                    )
-                wait = min(wait, remaining)
-            doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
-        if not lost:
-            self._spin.record(time.monotonic() - start)
-        replies = [None] * self.num_workers
-        self._restarting = restart
+    def _wait(self, timeout: float | None, name: str) -> list[M.Reply | None]:
+        """The pool's replies to the pending command; a death ends the pending call."""
         try:
-            for w in range(self.num_workers):
-                flag = self._plan.worker_line(w) + P.INFO_PENDING
-                if w not in lost and doorbells.load(flag):
-                    replies[w] = self._recv(w)
-                    doorbells.store(flag, 0)  # read: waiting again must not read it twice
-        finally:
-            self._restarting = False
-        if lost:
-            self._replace_lost(name)
-        return replies
-
-    def _survivors_done(self) -> bool:
-        doorbells, line = self._doorbells, self._plan.worker_line
-        return all(doorbells.load(line(w) + P.DONE_SEQ) == doorbells.load(line(w) + P.CMD_SEQ)
-                   for w in range(self.num_workers) if w not in self._lost)
-
-    def _recv(self, w: int) -> Any:
-        """The next message from worker ``w``. If it died first, raise WorkerDiedError, or,
-        while ``_wait_pending`` collects replies it may restart, mark it lost and return
-        ``None``."""
-        pipe = self._resources.pipes[w]
-        process = self._resources.processes[w]
-        while True:
-            ready = connection.wait([pipe, process.sentinel], P.WAIT_SLICE * 4)
-            if pipe in ready:
-                try:
-                    return pipe.recv()
-                except (EOFError, OSError):
-                    pass
-                break
-            if process.sentinel in ready:
-                if pipe.poll(0):
-                    continue
-                break
-        if not self._restarting:
-            self._worker_died(w)
-        self._mark_lost(w)
-        return None
-
-    def _await_start(self, workers: Sequence[int],
-                     replies: bool = False) -> dict[int, list[Any]]:
-        """Wait until each of ``workers`` sent ``ready`` (then, with ``replies``, the reply of
-        its initial reset) or ``init_error``; return each one's messages.
-
-        A worker whose phase (``_phase``) stays the same for ``start_timeout`` seconds raises
-        :class:`WorkerStartTimeoutError`; one that dies raises :class:`WorkerDiedError`.
-        """
-        res = self._resources
-        wanted = 2 if replies else 1
-        messages: dict[int, list[Any]] = {w: [] for w in workers}
-        now = time.monotonic()
-        progress = {w: (self._phase_words(w), now) for w in workers}
-        waiting = set(workers)
-        while waiting:
-            handles = {}
-            for w in waiting:
-                handles[res.pipes[w]] = handles[res.processes[w].sentinel] = w
-            for handle in connection.wait(list(handles), P.WAIT_SLICE * 4):
-                w = handles[handle]
-                if w not in waiting:
-                    continue
-                messages[w].append(self._recv(w))  # a message or a death: no waiting here
-                if messages[w][0][0] == "init_error" or len(messages[w]) == wanted:
-                    waiting.discard(w)
-                progress[w] = (self._phase_words(w), time.monotonic())
-            now = time.monotonic()
-            for w in sorted(waiting):
-                words, since = progress[w]
-                if self._phase_words(w) != words:
-                    progress[w] = (self._phase_words(w), now)
-                elif self.start_timeout is not None and now - since > self.start_timeout:
-                    raise self._start_timeout(w, self._phase(w))
-        return messages
-
-    def _phase_words(self, w: int) -> tuple[int, int]:
-        line = self._plan.worker_line(w)
-        return (self._doorbells.load(line + P.STATUS), self._doorbells.load(line + P.STATUS_ENV))
-
-    def _phase(self, w: int) -> str:
-        """What worker ``w`` reports doing while it starts."""
-        status, env = self._phase_words(w)
-        if status == P.STATUS_BUILDING:
-            return f"building env {env} (its env function had not returned)"
-        if status == P.STATUS_RESETTING:
-            return f"resetting env {env}"
-        if status == P.STATUS_READY:
-            return "sending its ready message"
-        return "starting up (its process had not attached the segment yet)"
-
-    def _start_timeout(self, w: int, phase: str) -> WorkerStartTimeoutError:
-        what = self._describe(w)
-        group = self._groups[w]
-        return WorkerStartTimeoutError(
-            f"{what} made no progress for {self.start_timeout:g} s while {phase}. Building "
-            "or resetting an env may legitimately take longer (a simulator): pass a larger "
-            "`start_timeout=` (seconds, or None to wait forever) to AsyncVectorEnv.",
-            worker=w, env_indices=tuple(group), pid=self._resources.processes[w].pid,
-            phase=phase)
-
-    def _describe(self, w: int) -> str:
-        """``fastvec worker <w> (pid <pid>, envs <a>..<b>)``."""
-        group = self._groups[w]
-        envs = (f"env {group.start}" if len(group) == 1
-                else f"envs {group.start}..{group.stop - 1}")
-        return f"fastvec worker {w} (pid {self._resources.processes[w].pid}, {envs})"
-
-    def _check_workers(self, restart: bool = False) -> None:
-        for w, process in enumerate(self._resources.processes):
-            if w not in self._lost and process.exitcode is not None:
-                if not restart:
-                    self._worker_died(w)
-                self._mark_lost(w)
-
-    def _mark_lost(self, w: int) -> None:
-        self._lost.add(w)
-        # at once: a survivor may be waiting for the permit before it can finish
-        self._release_permit(w)
-
-    def _death(self, w: int) -> tuple[str, WorkerDiedError]:
-        """Reap worker ``w``, end what its envs started and describe its end:
-        ``(description, error)``; the error says the vector env cannot continue."""
-        process = self._resources.processes[w]
-        process.join(0.5)  # it closed its pipe or sentinel: it is exiting, if not reaped yet
-        code = process.exitcode
-        if code is not None:
-            _kill_group(process.pid)
-        group = self._groups[w]
-        if code is None:
-            how = "closed its pipe"
-        elif code < 0:
-            try:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
-        what = f"{self._describe(w)} {how}"
-        error = WorkerDiedError(
-            f"{what}. The vector env cannot continue; close it and make a new one.",
-            worker=w, env_indices=tuple(group), pid=process.pid, exitcode=code,
-        )
-        return what, error
-
-    def _worker_died(self, w: int) -> None:
-        error = self._death(w)[1]
-        self._broken = error
-        self._state = AsyncState.DEFAULT
-        self._lost = set()
-        raise error
-
-    def _replace_lost(self, name: str) -> None:
-        """Start a new worker for every lost one (``restart_workers=True``).
-
-        The new worker builds fresh envs from ``env_fns`` and resets them (seed ``None``)
-        before it serves. During a step it writes their observations into the step's slot
-        and the step reports them truncated (``step_wait`` reads ``self._replaced``); any
-        other command cannot make up the lost results, so it raises
-        :class:`WorkerDiedError` with ``restarted=True`` once the replacements are up.
-        """
-        res = self._resources
-        lost, self._lost = sorted(self._lost), set()
-        in_step = name == "step"
-        deaths = {w: self._death(w) for w in lost}
-        autoreset = in_step and self.autoreset_mode is AutoresetMode.NEXT_STEP
-        for w in lost:
-            self._release_permit(w)
-            res.pipes[w].close()
-            old = res.processes[w]
-            if old.exitcode is None:  # closed its pipe yet still running: make sure
-                old.kill()
-                old.join(1.0)
-                _kill_group(old.pid)
-            try:
-                res.processes[w], res.pipes[w] = self._launch(
-                    w, initial_reset=(in_step, autoreset))
-            except Exception as exc:  # cannot fork, say; shutdown joins the old one
-                what, died = deaths[w]
-                self._broken = WorkerDiedError(
-                    f"{what} during `{name}`, and its replacement could not be started: {exc}",
-                    worker=w, env_indices=died.env_indices, pid=died.pid,
-                    exitcode=died.exitcode)
-                self._state = AsyncState.DEFAULT
-                raise self._broken from exc
-            old.close()
-        self._replaced = []
-        restarted = []
-        try:  # a replacement that dies breaks the vector env
-            started = self._await_start(lost, replies=True)
-        except WorkerStartTimeoutError as exc:
-            what, died = deaths[exc.worker]
-            self._broken = WorkerDiedError(
-                f"{what} during `{name}`, and its replacement (pid {exc.pid}) made no progress "
-                f"for {self.start_timeout:g} s while {exc.phase}; pass a larger "
-                "`start_timeout=` if that is expected. The vector env cannot continue; close "
-                "it and make a new one.",
-                worker=exc.worker, env_indices=died.env_indices, pid=died.pid,
-                exitcode=died.exitcode)
+            return self._pool.wait(timeout, name)
+        except WorkerDiedError:
             self._state = AsyncState.DEFAULT
-            raise self._broken from None
-        for w in lost:
-            what, died = deaths[w]
-            (kind, data), *reply = started[w]
-            if kind == "init_error":
-                index, payload = data
-                cause = _rebuild_exception(*payload)
-                error = WorkerDiedError(
-                    f"{what} during `{name}`, and its replacement could not be started: env "
-                    f"{index} raised {type(cause).__name__}: {cause}. The vector env cannot "
-                    "continue; close it and make a new one.",
-                    worker=w, env_indices=died.env_indices, pid=died.pid,
-                    exitcode=died.exitcode)
-                self._broken = error
-                self._state = AsyncState.DEFAULT
-                raise error from cause
-            self._replaced.append((w, reply[0]))
-            pid = res.processes[w].pid
-            if in_step:
-                logger.warn(f"{what} during `step`; restarted it as pid {pid}. Its envs are "
-                            "fresh (reset with seed None): this step reports them truncated, "
-                            "with info `worker_restarted`.")
-            else:
-                restarted.append(WorkerDiedError(
-                    f"{what} during `{name}`; restarted it as pid {pid} with fresh envs (reset "
-                    f"with seed None). The `{name}` results are lost: call it again (after a "
-                    "`reset`, if you need the new envs' observations).",
-                    worker=w, env_indices=died.env_indices, pid=died.pid,
-                    exitcode=died.exitcode, restarted=True))
-        if not in_step:
-            self._replaced = []
+            raise
+
+    def _raise_errors(self, errors: list[EnvError]) -> None:
+        """Log every sub-env error the Gymnasium way and raise the last one (if any)."""
+        if errors:
             self._state = AsyncState.DEFAULT
-            raise restarted[0]
-
-    def _release_permit(self, w: int) -> None:
-        """Give back the max_concurrency permit a dead worker held."""
-        line = self._plan.worker_line(w)
-        if self._semaphore is not None and self._doorbells.load(line + P.PERMIT):
-            try:
-                self._semaphore.release()
-            except ValueError:  # it had not taken it after all
-                pass
-        self._doorbells.store(line + P.PERMIT, 0)
-
-    def _raise_errors(self, errors: list) -> None:
-        """Log every sub-env error the Gymnasium way and raise the last one."""
-        if not errors:
-            return
-        self._state = AsyncState.DEFAULT
-        exception = None
-        for index, payload in errors:
-            blob, type_blob, type_name, message, trace = payload
-            logger.error(f"Received the following error from Worker-{index}")
-            logger.error("%s", trace)  # a trace may hold "%": never format it
-            exception = _rebuild_exception(blob, type_blob, type_name, message, trace)
-        logger.error("Raising the last exception back to the main process.")
-        raise exception
+            raise_logged(errors)
 
     def _assert_not_pending(self, method: str, end: str = ".") -> None:
         """Gymnasium's ``AlreadyPendingCallError`` if a call is pending (its wording, too)."""
@@ -861,8 +367,8 @@ class AsyncVectorEnv(VectorEnv):
             raise ClosedEnvironmentError(
                 f"Trying to operate on `{type(self).__name__}`, after a call to `close()`."
             )
-        if self._broken is not None:
-            raise self._broken
+        if self._pool.broken is not None:
+            raise self._pool.broken
 
     # -- reset -----------------------------------------------------------------------------
     def reset(self, *, seed: int | list[int | None] | None = None,
@@ -907,20 +413,20 @@ class AsyncVectorEnv(VectorEnv):
                     "`options['reset_mask']` must contain a boolean array with at least one "
                     f"True value, got reset_mask={mask}"
                 )
-        messages = [
-            ("reset", (list(seed[g.start:g.stop]), options,
-                       None if mask is None else [bool(m) for m in mask[g.start:g.stop]]))
+        requests = [
+            M.Reset(list(seed[g.start:g.stop]), options,
+                    None if mask is None else [bool(m) for m in mask[g.start:g.stop]])
             for g in self._groups
         ]
         self._slot = self._choose_slot()
-        self._ring(P.CMD_PIPE, messages, self._slot)
+        self._pool.ring(M.Command.REQUEST, requests, self._slot)
         self._state = AsyncState.WAITING_RESET
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
         """Wait for the reset sent by :meth:`reset_async` and return ``(observations, infos)``."""
         self._assert_is_running()
         self._assert_pending(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
-        replies = self._wait_pending(timeout, "reset")
+        replies = self._wait(timeout, "reset")
         self._state = AsyncState.DEFAULT
         infos, errors = self._merge_replies(replies)
         self._raise_errors(errors)
@@ -943,9 +449,9 @@ class AsyncVectorEnv(VectorEnv):
         layout = self._plan.actions
         if layout is None:  # no layout for the action space: pickled, as in Gymnasium
             per_env = self._iterate_actions(actions)
-            messages = [("step", per_env[g.start:g.stop]) for g in self._groups]
+            requests = [M.Step(per_env[g.start:g.stop]) for g in self._groups]
             self._slot = self._choose_slot()
-            self._ring(P.CMD_PIPE, messages, self._slot)
+            self._pool.ring(M.Command.REQUEST, requests, self._slot)
         else:
             try:
                 layout.write_batch(actions)
@@ -953,7 +459,7 @@ class AsyncVectorEnv(VectorEnv):
                 raise invalid_actions(str(exc), _gymnasium_refusal(
                     self.action_space, actions, self.num_envs)) from None
             self._slot = self._choose_slot()
-            self._ring(P.CMD_STEP, slot=self._slot)
+            self._pool.ring(M.Command.STEP, slot=self._slot)
         self._state = AsyncState.WAITING_STEP
 
     def _iterate_actions(self, actions: Any) -> list[Any]:
@@ -976,60 +482,55 @@ class AsyncVectorEnv(VectorEnv):
         """
         self._assert_is_running()
         self._assert_pending(AsyncState.WAITING_STEP, "step_wait", "step_async")
-        replies = self._wait_pending(timeout, "step")
+        replies = self._wait(timeout, "step")
         self._state = AsyncState.DEFAULT
         infos, errors = self._merge_replies(replies)
-        replaced, self._replaced = self._replaced, []
+        replaced, self._pool.replaced = self._pool.replaced, []
         if replaced:
             infos = self._report_replaced(replaced, infos, errors)
         self._raise_errors(errors)
-        rewards, terminations, truncations = self._resources.results
+        rewards, terminations, truncations = self._pool.results
         return (self._observations(), rewards.copy(), terminations.copy(),
                 truncations.copy(), infos)
 
-    def _merge_replies(self, replies: list) -> tuple[dict[str, Any], list]:
+    def _merge_replies(self, replies: Sequence[M.Reply | None]
+                       ) -> tuple[dict[str, Any], list[EnvError]]:
         """Batch the infos of a reset or step's replies (in env order), collect their errors
         and keep the observations that came by pipe."""
         infos: dict[str, Any] = {}
-        errors: list = []
+        errors: list[EnvError] = []
         for reply in replies:
             if reply is None:  # nothing to report: the common step
                 continue
-            r_infos, r_errors, r_obs = reply
-            if r_infos:
-                for i, info in r_infos:
-                    infos = self._add_info(infos, info, i)
-            if r_errors:
-                errors.extend(r_errors)
-            if r_obs:
-                self._store_pipe_obs(r_obs)
+            for i, info in reply.infos:
+                infos = self._add_info(infos, info, i)
+            errors.extend(reply.errors)
+            self._store_pipe_obs(reply.observations)
         return infos, errors
 
-    def _report_replaced(self, replaced: list, infos: dict, errors: list) -> dict:
+    def _report_replaced(self, replaced: list[tuple[int, M.Reply]], infos: dict[str, Any],
+                         errors: list[EnvError]) -> dict[str, Any]:
         """The envs of workers replaced during this step: truncated, reward 0, observation
         from their fresh reset, info ``worker_restarted`` (plus, in SAME_STEP mode, the reset's
         info, as for any reset there)."""
-        results = self._resources.results
-        assert results is not None
-        rewards, terminations, truncations = results
+        rewards, terminations, truncations = self._pool.results
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
-        for w, (r_infos, r_errors, r_obs) in replaced:
+        for w, reply in replaced:
             group = self._groups[w]
             rewards[group.start:group.stop] = 0.0
             terminations[group.start:group.stop] = False
             truncations[group.start:group.stop] = True
-            reset_infos = dict(r_infos) if same_step else {}
+            reset_infos = dict(reply.infos) if same_step else {}
             for i in group:
                 infos = self._add_info(infos, {**reset_infos.get(i, {}), "worker_restarted": True},
                                        i)
-            errors.extend(r_errors)
-            self._store_pipe_obs(r_obs)
+            errors.extend(reply.errors)
+            self._store_pipe_obs(reply.observations)
         return infos
 
-    def _store_pipe_obs(self, pipe_obs: list | None) -> None:
-        if pipe_obs:
-            for i, obs in pipe_obs:
-                self._pipe_obs[i] = obs
+    def _store_pipe_obs(self, pipe_obs: list[tuple[int, Any]]) -> None:
+        for i, obs in pipe_obs:
+            self._pipe_obs[i] = obs
 
     def _observations(self) -> Any:
         slots = self._plan.observation_slots
@@ -1055,23 +556,25 @@ class AsyncVectorEnv(VectorEnv):
         """Send ``call(name, *args, **kwargs)`` to every sub-environment."""
         self._assert_is_running()
         self._assert_not_pending("call_async")
-        self._ring(P.CMD_PIPE, [("call", (name, args, kwargs))] * self.num_workers)
+        self._pool.ring(M.Command.REQUEST, [M.Call(name, args, kwargs)] * self.num_workers)
         self._state = AsyncState.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         """Wait for the call sent by :meth:`call_async`; one result per sub-environment."""
         self._assert_is_running()
         self._assert_pending(AsyncState.WAITING_CALL, "call_wait", "call_async")
-        replies = self._wait_pending(timeout, "call")
+        replies = self._wait(timeout, "call")
         self._state = AsyncState.DEFAULT
         return self._gather_results(replies)
 
-    def _gather_results(self, replies: list) -> tuple[Any, ...]:
-        results: list = []
-        errors: list = []
-        for r_results, r_errors in replies:
-            results.extend(r_results)
-            errors.extend(r_errors)
+    def _gather_results(self, replies: Sequence[M.Reply | None]) -> tuple[Any, ...]:
+        """One result per env, in env order; the envs' errors are raised."""
+        results: list[Any] = []
+        errors: list[EnvError] = []
+        for reply in replies:
+            assert reply is not None and reply.results is not None, "a request always answers"
+            results.extend(reply.results)
+            errors.extend(reply.errors)
         self._raise_errors(errors)
         return tuple(results)
 
@@ -1090,23 +593,17 @@ class AsyncVectorEnv(VectorEnv):
                 f"environments. Got `{len(values)}` values for {self.num_envs} environments."
             )
         self._assert_not_pending("set_attr")
-        self._ring(P.CMD_PIPE, [("setattr", (name, list(values[g.start:g.stop])))
-                                for g in self._groups])
-        self._gather_results(self._wait_pending(None, "set_attr"))
+        self._pool.ring(M.Command.REQUEST, [M.SetAttr(name, list(values[g.start:g.stop]))
+                                            for g in self._groups])
+        self._gather_results(self._wait(None, "set_attr"))
 
     def _check_spaces(self) -> None:
         self._assert_is_running()
-        message = ("check_spaces", (self.observation_mode, self.single_observation_space,
-                                    self.single_action_space))
-        self._ring(P.CMD_PIPE, [message] * self.num_workers)
-        try:
-            replies = self._wait_pending(self.start_timeout, "check_spaces")
-        except multiprocessing.TimeoutError:
-            doorbells, line = self._doorbells, self._plan.worker_line
-            w = min(w for w in range(self.num_workers)
-                    if doorbells.load(line(w) + P.DONE_SEQ) != doorbells.load(line(w) + P.CMD_SEQ))
-            raise self._start_timeout(
-                w, "answering the space check (reading its envs' spaces)") from None
+        request = M.CheckSpaces(self.observation_mode, self.single_observation_space,
+                                self.single_action_space)
+        self._pool.ring(M.Command.REQUEST, [request] * self.num_workers)
+        replies = self._pool.wait_starting(
+            "check_spaces", "answering the space check (reading its envs' spaces)")
         results = self._gather_results(replies)
         same_observation_spaces, same_action_spaces = zip(*results)
         if not all(same_observation_spaces):
@@ -1139,10 +636,10 @@ class AsyncVectorEnv(VectorEnv):
         terminate
             End the workers at once without closing the sub-environments.
         """
-        res = self._resources
-        self._closing = True  # a worker that dies now is not replaced
+        pool = self._pool
+        pool.closing = True  # a worker that dies now is not replaced
         timeout = 0 if terminate else timeout
-        healthy = self._broken is None and res.shm is not None
+        healthy = pool.broken is None and pool.resources.shm is not None
         try:
             if healthy and self._state != AsyncState.DEFAULT:
                 logger.warn(
@@ -1154,19 +651,17 @@ class AsyncVectorEnv(VectorEnv):
             terminate = True
         except Exception:
             # the pending call's own error was already logged; closing goes on
-            healthy = self._broken is None
+            healthy = pool.broken is None
         if healthy and not terminate:
             try:
-                self._ring(P.CMD_PIPE, [("close", None)] * self.num_workers)
-                self._gather_results(self._wait_pending(timeout, "close"))
+                pool.ring(M.Command.REQUEST, [M.Close()] * self.num_workers)
+                self._gather_results(pool.wait(timeout, "close"))
             except multiprocessing.TimeoutError:
                 terminate = True
             except WorkerDiedError:
                 pass
-        if terminate or not healthy:
-            res.terminate_workers()
         self._state = AsyncState.DEFAULT
-        res.shutdown()
+        pool.shutdown(terminate=terminate or not healthy)
 
     def __enter__(self) -> AsyncVectorEnv:
         """Support the with-statement: the env is closed when the block ends."""
@@ -1177,7 +672,7 @@ class AsyncVectorEnv(VectorEnv):
         return False
 
     def __del__(self) -> None:
-        if not getattr(self, "closed", True) and hasattr(self, "_state"):
+        if not getattr(self, "closed", True) and hasattr(self, "_pool"):
             self.close(terminate=True)
 
 
@@ -1210,27 +705,3 @@ def _gymnasium_refusal(action_space: Space[Any], actions: Any, num_envs: int
     except Exception as exc:
         return type(exc)
     return None if count == num_envs else ValueError
-
-
-def _finalize(resources: _Resources) -> None:
-    resources.terminate_workers()
-    resources.shutdown()
-
-
-def _rebuild_exception(blob: bytes | None, type_blob: bytes | None, type_name: str,
-                       message: str, trace: str) -> BaseException:
-    exception: BaseException | None = None
-    if blob is not None:
-        try:
-            exception = pickle.loads(blob)
-        except Exception:
-            exception = None
-    if exception is None and type_blob is not None:
-        try:
-            exception = pickle.loads(type_blob)(message)
-        except Exception:
-            exception = None
-    if exception is None:
-        exception = RuntimeError(f"{type_name}: {message}")
-    exception.__cause__ = RemoteTraceback(trace)
-    return exception

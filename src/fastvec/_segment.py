@@ -1,4 +1,11 @@
-"""The shared layout of the control region and the command codes, used by both sides."""
+"""The byte plan of a vector env's segment, which the parent and every worker build alike.
+
+From the start: a header (magic, layout version, sizes and a digest of the whole geometry,
+checked by a worker before any use), one control line per worker and one for the parent
+(the words below), the actions (one row per env and leaf), the step results (rewards,
+terminations, truncations) and the observation slots (each a whole batch). Every region is
+64-byte aligned.
+"""
 
 from __future__ import annotations
 
@@ -34,42 +41,11 @@ STATUS_ENV = 28
 # Offset of the parent's pending counter inside its line.
 PENDING = 0
 
-CMD_STEP = 1
-CMD_PIPE = 2
-
 # Starting up and attaching the segment (the parent clears the word before a launch).
 STATUS_STARTING = 0
 STATUS_READY = 1
 STATUS_BUILDING = 2
 STATUS_RESETTING = 3
-
-# Parent-death and dead-worker checks run between wait slices of this many seconds.
-WAIT_SLICE = 0.05
-
-
-class SpinBudget:
-    """How long a waiter yield-spins before it sleeps on the futex, learned from recent waits.
-
-    When the awaited word changes within a few hundred microseconds (a trainer stepping in a
-    tight loop, a step that takes that long), spinning with ``sched_yield`` keeps the hand-off
-    to a context switch on the same core instead of a futex sleep and wake-up, which costs
-    tens of microseconds on a virtual machine. When waits are long, spinning would only burn
-    CPU, so the waiter sleeps at once; an idle waiter uses no CPU.
-    """
-
-    LIMIT = 500e-6
-    FLOOR = 50e-6
-
-    def __init__(self) -> None:
-        self.typical = 0.0
-
-    def budget(self) -> float:
-        if self.typical >= self.LIMIT:
-            return 0.0
-        return min(max(2.0 * self.typical, self.FLOOR), self.LIMIT)
-
-    def record(self, waited: float) -> None:
-        self.typical += 0.25 * (min(waited, 4 * self.LIMIT) - self.typical)
 
 
 class SegmentPlan:

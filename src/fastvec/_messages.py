@@ -1,0 +1,122 @@
+"""The wire protocol between the parent and a worker; both sides import it.
+
+A command starts with the doorbell in the worker's control line (:class:`Command` in its
+``CMD`` word). :attr:`Command.STEP` needs nothing more: the actions are in the segment. For
+:attr:`Command.REQUEST` the parent sends one request record through the worker's pipe. Every
+request is answered in one shape, :class:`Reply`, sent through the pipe only when it holds
+something (``INFO_PENDING`` tells the parent); a plain step answers with nothing at all.
+
+A worker starts by sending :class:`Ready` or :class:`InitError` (the handshake); a worker that
+replaces a dead one sends the :class:`Reply` of its initial reset after :class:`Ready`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from gymnasium import Space
+
+from fastvec._remote_errors import EnvError
+
+__all__ = [
+    "Call",
+    "CheckSpaces",
+    "Close",
+    "Command",
+    "InitError",
+    "Ready",
+    "Reply",
+    "Request",
+    "Reset",
+    "SetAttr",
+    "Step",
+]
+
+
+class Command(enum.IntEnum):
+    """The doorbell's command word."""
+
+    STEP = 1  # step every env of the group with its action in the segment
+    REQUEST = 2  # read one request record from the pipe
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Reset the group's envs (those in ``mask``) with one seed each."""
+
+    seeds: list[int | None]
+    options: dict[str, Any] | None
+    mask: list[bool] | None
+
+
+@dataclass(frozen=True)
+class Step:
+    """Step the group's envs with these actions (an action space with no layout)."""
+
+    actions: list[Any]
+
+
+@dataclass(frozen=True)
+class Call:
+    """Call a method of (or read an attribute of) every env of the group."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """Set an attribute on every env of the group, one value each."""
+
+    name: str
+    values: list[Any]
+
+
+@dataclass(frozen=True)
+class CheckSpaces:
+    """Compare each env's spaces with the vector env's (at construction)."""
+
+    observation_mode: str | tuple[Space[Any], Space[Any]]
+    observation_space: Space[Any]
+    action_space: Space[Any]
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the group's envs, answer, and exit."""
+
+
+Request = Reset | Step | Call | SetAttr | CheckSpaces | Close
+
+
+@dataclass
+class Reply:
+    """What a command returns beyond the segment, by env index in the batch.
+
+    ``results``: one per env of the group for call, set_attr, check_spaces and close
+    (``None`` for reset and step); ``infos`` and ``observations`` (those that travel by pipe):
+    ``(index, value)`` for the envs that have one; ``errors``: the envs that raised.
+    """
+
+    results: list[Any] | None = None
+    infos: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    errors: list[EnvError] = field(default_factory=list)
+    observations: list[tuple[int, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.results is not None or self.infos or self.errors
+                    or self.observations)
+
+
+class Ready(NamedTuple):
+    """The worker built its envs and serves commands."""
+
+
+class InitError(NamedTuple):
+    """The worker could not start: attaching the segment or building env ``error.index``
+    raised."""
+
+    error: EnvError

@@ -1,0 +1,611 @@
+"""The worker pool: processes, command delivery, waiting, deaths, restarts and teardown.
+
+:class:`WorkerPool` starts one worker process per group of envs over one segment, rings
+their doorbells with a command (and a request record through each pipe when the command
+needs one), waits for all of them in slices that notice a dead worker and the caller's
+timeout, replaces dead workers when asked to, and frees every process, process group and the
+segment exactly once, also when the vector env is never closed. It raises
+:class:`~fastvec.errors.WorkerDiedError` and knows nothing of Gymnasium's call states.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing import connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
+from multiprocessing.synchronize import Semaphore
+from typing import Any
+
+import numpy as np
+from gymnasium import Env, logger
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import CloudpickleWrapper, clear_mpi_env_vars
+
+from fastvec import _memory
+from fastvec import _messages as M
+from fastvec import _segment as S
+from fastvec._kernels import Segment
+from fastvec._remote_errors import raise_logged, rebuild
+from fastvec._sync import Doorbells
+from fastvec._waiting import WAIT_SLICE, SpinBudget
+from fastvec.errors import WorkerDiedError, WorkerStartTimeoutError
+from fastvec.worker import worker_main
+
+__all__ = ["WorkerPool", "default_num_workers", "split_groups", "usable_cores"]
+
+# Commands during which restart_workers=True replaces a dead worker (construction and close
+# do not: there a death raises WorkerDiedError, or is ignored by close).
+RESTARTABLE = frozenset({"step", "reset", "call", "set_attr"})
+
+
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not Linux: no pinning
+        return set()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (``os.sched_getaffinity`` where it exists)."""
+    return len(_affinity()) or os.cpu_count() or 1
+
+
+def default_num_workers(num_envs: int) -> int:
+    """The usable cores, never more than ``num_envs``."""
+    return max(1, min(usable_cores(), num_envs))
+
+
+def split_groups(num_envs: int, num_workers: int) -> list[range]:
+    """Contiguous, near-equal groups of env indices, one per worker."""
+    base, extra = divmod(num_envs, num_workers)
+    groups, start = [], 0
+    for w in range(num_workers):
+        stop = start + base + (1 if w < extra else 0)
+        groups.append(range(start, stop))
+        start = stop
+    return groups
+
+
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL what is left of worker ``pid``'s process group: the processes its envs started.
+
+    The group's id is the worker's pid, which cannot be reused while the group has members.
+    """
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left (or not ours to end)
+        pass
+
+
+class Resources:
+    """Everything that must be released exactly once, even if the env is never closed.
+
+    Held apart from the pool so that a ``weakref.finalize`` can clean up without keeping the
+    vector env alive.
+    """
+
+    def __init__(self) -> None:
+        self.shm: _memory.SharedSegment | None = None
+        self.doorbells: Doorbells | None = None
+        self.segment: Segment | None = None
+        self.plan: S.SegmentPlan | None = None
+        self.results: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.processes: list[BaseProcess] = []
+        self.pipes: list[connection.Connection] = []
+
+    def terminate_workers(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+
+    def shutdown(self, join_timeout: float = 2.0) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self.pipes = []
+        deadline = time.monotonic() + join_timeout
+        # wait for the exits without reaping: an unreaped worker's pid (its group's id)
+        # cannot be reused, so the group kill reaches only what its envs left behind
+        sentinels = {process.sentinel for process in self.processes}
+        while sentinels and time.monotonic() < deadline:
+            sentinels -= set(connection.wait(list(sentinels),
+                                             max(0.0, deadline - time.monotonic())))
+        for process in self.processes:
+            _kill_group(process.pid)  # a worker still running goes with it
+        for process in self.processes:
+            process.join(1.0)
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        for process in self.processes:
+            try:
+                process.close()
+            except ValueError:
+                pass
+        self.processes = []
+        self.release_segment()
+
+    def release_segment(self) -> None:
+        if self.plan is not None:
+            self.plan.unbind()
+        self.results = None
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
+        if self.doorbells is not None:
+            self.doorbells.release()
+            self.doorbells = None
+        shm, self.shm = self.shm, None
+        if shm is not None:
+            shm.close()  # copy=False views the caller still holds keep their mapping
+            shm.unlink()
+
+
+def finalize(resources: Resources) -> None:
+    """End every worker and free the segment (``weakref.finalize`` of the vector env)."""
+    resources.terminate_workers()
+    resources.shutdown()
+
+
+class WorkerPool:
+    """The worker processes of one vector env and the segment they share.
+
+    Parameters
+    ----------
+    env_fns
+        One env function per env (the pool sends each worker its group's).
+    plan
+        The segment's plan (its number of workers is the pool's).
+    scratch_bytes
+        The segment's last bytes that are allocated only when first needed (copy=True's
+        scratch slot).
+    context, daemon, autoreset_mode, max_concurrency, pin_workers, restart_workers,
+    start_timeout
+        As given to :class:`fastvec.AsyncVectorEnv`.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], Env[Any, Any]]], plan: S.SegmentPlan,
+                 scratch_bytes: int, *, context: str | None, daemon: bool,
+                 autoreset_mode: AutoresetMode, max_concurrency: int | None,
+                 pin_workers: bool, restart_workers: bool,
+                 start_timeout: float | None) -> None:
+        self.env_fns = env_fns
+        self.plan = plan
+        self.num_workers = plan.num_workers
+        self.groups = split_groups(plan.num_envs, plan.num_workers)
+        self.daemon = daemon
+        self.autoreset_mode = autoreset_mode
+        self.pin_workers = pin_workers
+        self.restart_workers = restart_workers
+        self.start_timeout = start_timeout
+        # set once a worker died and the pool cannot continue: every later call raises it
+        self.broken: WorkerDiedError | None = None
+        # set by the vector env's close: a worker that dies now is not replaced
+        self.closing = False
+        # workers found dead during the current command, before it is resolved
+        self._lost: set[int] = set()
+        # while collecting replies a restart may absorb: a dead worker is lost, not fatal
+        self._restarting = False
+        # replacements started during the current step: (worker, their reset reply)
+        self.replaced: list[tuple[int, M.Reply]] = []
+        self._spin = SpinBudget()
+        self._ctx: BaseContext = multiprocessing.get_context(context)
+        self._semaphore: Semaphore | None = (
+            self._ctx.BoundedSemaphore(max_concurrency) if max_concurrency is not None
+            else None)
+        self._cores = sorted(_affinity())
+        self.resources = res = Resources()
+        res.plan = plan
+        res.shm = _memory.create(plan.nbytes, lazy_tail=scratch_bytes)
+        buffer = res.shm.buf
+        assert buffer is not None
+        plan.write_header(buffer)
+        res.doorbells = self.doorbells = Doorbells(buffer)
+        res.segment = Segment(buffer)
+        plan.bind(res.segment, buffer)
+        res.results = plan.result_arrays(buffer)
+        self._pending = plan.parent_line + S.PENDING
+
+    @property
+    def results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rewards, terminations and truncations: views into the segment (read them before
+        the next command)."""
+        results = self.resources.results
+        assert results is not None, "the segment was released"
+        return results
+
+    @property
+    def start_method(self) -> str:
+        return str(self._ctx.get_start_method())
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every worker and wait until each built its envs.
+
+        An env function that raises is logged and raised the Gymnasium way; a worker that
+        makes no progress for ``start_timeout`` raises :class:`WorkerStartTimeoutError`. On
+        any error every worker has been ended and the segment freed.
+        """
+        res = self.resources
+        try:
+            for w in range(self.num_workers):
+                process, parent_pipe = self._launch(w)
+                res.pipes.append(parent_pipe)
+                res.processes.append(process)  # only started processes can be joined
+            started = self._await_start(range(self.num_workers))
+            errors = [first.error for first, *_ in started.values()
+                      if isinstance(first, M.InitError)]
+            if errors:
+                raise_logged(errors)
+        except BaseException:
+            res.terminate_workers()
+            res.shutdown()
+            raise
+
+    def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None
+                ) -> tuple[BaseProcess, connection.Connection]:
+        """Start the process of worker ``w``; return it and the parent's end of its pipe."""
+        group = self.groups[w]
+        shm = self.resources.shm
+        assert shm is not None
+        cores = self._cores
+        core = cores[w % len(cores)] if self.pin_workers and cores else None
+        # a replacement starts from scratch, whatever its predecessor reported
+        self.doorbells.store(self.plan.worker_line(w) + S.STATUS, S.STATUS_STARTING)
+        with clear_mpi_env_vars():
+            parent_pipe, child_pipe = self._ctx.Pipe()
+            env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
+            process = self._ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                name=f"Worker<AsyncVectorEnv>-{w}",
+                args=(w, group.start, env_fns, child_pipe, parent_pipe, self.plan,
+                      shm.handle, self.autoreset_mode, self._semaphore, os.getpid(), core),
+                kwargs={"initial_reset": initial_reset},
+                daemon=self.daemon,
+            )
+            try:
+                process.start()
+            except BaseException:
+                parent_pipe.close()
+                raise
+            finally:
+                child_pipe.close()
+        return process, parent_pipe
+
+    def _await_start(self, workers: Sequence[int],
+                     replies: bool = False) -> dict[int, list[Any]]:
+        """Wait until each of ``workers`` sent :class:`Ready` (then, with ``replies``, the
+        reply of its initial reset) or :class:`InitError`; return each one's messages.
+
+        A worker whose phase (``_phase``) stays the same for ``start_timeout`` seconds raises
+        :class:`WorkerStartTimeoutError`; one that dies raises :class:`WorkerDiedError`.
+        """
+        res = self.resources
+        wanted = 2 if replies else 1
+        messages: dict[int, list[Any]] = {w: [] for w in workers}
+        now = time.monotonic()
+        progress = {w: (self._phase_words(w), now) for w in workers}
+        waiting = set(workers)
+        while waiting:
+            handles: dict[Any, int] = {}
+            for w in waiting:
+                handles[res.pipes[w]] = handles[res.processes[w].sentinel] = w
+            for handle in connection.wait(list(handles), WAIT_SLICE * 4):
+                w = handles[handle]
+                if w not in waiting:
+                    continue
+                messages[w].append(self.recv(w))  # a message or a death: no waiting here
+                if isinstance(messages[w][0], M.InitError) or len(messages[w]) == wanted:
+                    waiting.discard(w)
+                progress[w] = (self._phase_words(w), time.monotonic())
+            now = time.monotonic()
+            for w in sorted(waiting):
+                words, since = progress[w]
+                if self._phase_words(w) != words:
+                    progress[w] = (self._phase_words(w), now)
+                elif self.start_timeout is not None and now - since > self.start_timeout:
+                    raise self._start_timeout(w, self._phase(w))
+        return messages
+
+    def _phase_words(self, w: int) -> tuple[int, int]:
+        line = self.plan.worker_line(w)
+        return (self.doorbells.load(line + S.STATUS), self.doorbells.load(line + S.STATUS_ENV))
+
+    def _phase(self, w: int) -> str:
+        """What worker ``w`` reports doing while it starts."""
+        status, env = self._phase_words(w)
+        if status == S.STATUS_BUILDING:
+            return f"building env {env} (its env function had not returned)"
+        if status == S.STATUS_RESETTING:
+            return f"resetting env {env}"
+        if status == S.STATUS_READY:
+            return "sending its ready message"
+        return "starting up (its process had not attached the segment yet)"
+
+    def _start_timeout(self, w: int, phase: str) -> WorkerStartTimeoutError:
+        assert self.start_timeout is not None
+        return WorkerStartTimeoutError(
+            f"{self.describe(w)} made no progress for {self.start_timeout:g} s while {phase}. "
+            "Building or resetting an env may legitimately take longer (a simulator): pass a "
+            "larger `start_timeout=` (seconds, or None to wait forever) to AsyncVectorEnv.",
+            worker=w, env_indices=tuple(self.groups[w]),
+            pid=self.resources.processes[w].pid, phase=phase)
+
+    def describe(self, w: int) -> str:
+        """``fastvec worker <w> (pid <pid>, envs <a>..<b>)``."""
+        group = self.groups[w]
+        envs = (f"env {group.start}" if len(group) == 1
+                else f"envs {group.start}..{group.stop - 1}")
+        return f"fastvec worker {w} (pid {self.resources.processes[w].pid}, {envs})"
+
+    # -- commands --------------------------------------------------------------------------
+    def ring(self, command: M.Command, requests: Sequence[M.Request] | None = None,
+             slot: int = 0) -> None:
+        """Send ``command`` to every worker (with one request each), writing ``slot``."""
+        # pickled before any doorbell rings: a request that cannot be pickled raises here,
+        # with no worker left waiting for it
+        payloads = None
+        if requests is not None:
+            cache: dict[int, Any] = {}  # call sends one request object to every worker
+            payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
+                        for r in requests]
+        doorbells = self.doorbells
+        self._lost = set()
+        doorbells.store(self._pending, self.num_workers)
+        for w in range(self.num_workers):
+            line = self.plan.worker_line(w)
+            doorbells.store(line + S.SLOT, slot)
+            doorbells.store(line + S.CMD, command)
+            doorbells.store(line + S.CMD_SEQ, (doorbells.load(line + S.CMD_SEQ) + 1) & 0xFFFFFFFF)
+            doorbells.wake(line + S.CMD_SEQ, 1)
+            if payloads is not None:
+                # after the doorbell: the worker is reading, so a message larger than the
+                # pipe's buffer cannot block us
+                try:
+                    self.resources.pipes[w].send_bytes(payloads[w])
+                except OSError:  # EPIPE: the worker is gone; the wait reports it
+                    self._mark_lost(w)
+
+    def wait(self, timeout: float | None, name: str) -> list[M.Reply | None]:
+        """Wait until every worker finished the command; return each worker's reply.
+
+        A dead worker raises :class:`WorkerDiedError` within a wait slice. With
+        ``restart_workers`` (and a command a replacement can absorb), the wait goes on until
+        the other workers are done, then the dead ones are replaced (see ``_replace_lost``).
+        On ``multiprocessing.TimeoutError`` the command stays pending: wait again.
+        """
+        doorbells = self.doorbells
+        pending = self._pending
+        restart = self.restart_workers and not self.closing and name in RESTARTABLE
+        lost = self._lost
+        if lost and not restart:
+            self._worker_died(min(lost))
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        spin_until = start + self._spin.budget()
+        # workers are checked every slice, also when other workers' progress woke us
+        next_check = start + WAIT_SLICE
+        while True:
+            value = doorbells.load(pending)
+            if value == 0 or (lost and self._survivors_done()):
+                break
+            now = time.monotonic()
+            if now >= next_check:
+                self._check_workers(restart)
+                next_check = now + WAIT_SLICE
+            wait = next_check - now
+            if lost:  # nobody will wake us: poll the survivors' done marks
+                wait = min(wait, WAIT_SLICE / 10)
+            if deadline is not None:
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise multiprocessing.TimeoutError(
+                        f"The call to `{name}_wait` has timed out after {timeout} second(s)."
+                    )
+                wait = min(wait, remaining)
+            doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
+        if not lost:
+            self._spin.record(time.monotonic() - start)
+        replies: list[M.Reply | None] = [None] * self.num_workers
+        self._restarting = restart
+        try:
+            for w in range(self.num_workers):
+                flag = self.plan.worker_line(w) + S.INFO_PENDING
+                if w not in lost and doorbells.load(flag):
+                    replies[w] = self.recv(w)
+                    doorbells.store(flag, 0)  # read: waiting again must not read it twice
+        finally:
+            self._restarting = False
+        if lost:
+            self._replace_lost(name)
+        return replies
+
+    def wait_starting(self, name: str, phase: str) -> list[M.Reply | None]:
+        """:meth:`wait` for a command that is part of the start (the space check), bounded by
+        ``start_timeout``: a worker that has not answered by then raises
+        :class:`WorkerStartTimeoutError` saying it was ``phase``."""
+        try:
+            return self.wait(self.start_timeout, name)
+        except multiprocessing.TimeoutError:
+            doorbells, line = self.doorbells, self.plan.worker_line
+            w = min(w for w in range(self.num_workers)
+                    if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ))
+            raise self._start_timeout(w, phase) from None
+
+    def _survivors_done(self) -> bool:
+        doorbells, line = self.doorbells, self.plan.worker_line
+        return all(doorbells.load(line(w) + S.DONE_SEQ) == doorbells.load(line(w) + S.CMD_SEQ)
+                   for w in range(self.num_workers) if w not in self._lost)
+
+    def recv(self, w: int) -> Any:
+        """The next message from worker ``w``. If it died first, raise WorkerDiedError, or,
+        while ``wait`` collects replies it may restart, mark it lost and return ``None``."""
+        pipe = self.resources.pipes[w]
+        process = self.resources.processes[w]
+        while True:
+            ready = connection.wait([pipe, process.sentinel], WAIT_SLICE * 4)
+            if pipe in ready:
+                try:
+                    return pipe.recv()
+                except (EOFError, OSError):
+                    pass
+                break
+            if process.sentinel in ready:
+                if pipe.poll(0):
+                    continue
+                break
+        if not self._restarting:
+            self._worker_died(w)
+        self._mark_lost(w)
+        return None
+
+    def allocate_scratch(self) -> None:
+        """Allocate the scratch slot's pages before a command first writes it (once)."""
+        assert self.resources.shm is not None
+        self.resources.shm.allocate_tail()
+
+    # -- deaths and restarts ---------------------------------------------------------------
+    def _check_workers(self, restart: bool = False) -> None:
+        for w, process in enumerate(self.resources.processes):
+            if w not in self._lost and process.exitcode is not None:
+                if not restart:
+                    self._worker_died(w)
+                self._mark_lost(w)
+
+    def _mark_lost(self, w: int) -> None:
+        self._lost.add(w)
+        # at once: a survivor may be waiting for the permit before it can finish
+        self._release_permit(w)
+
+    def _death(self, w: int) -> tuple[str, WorkerDiedError]:
+        """Reap worker ``w``, end what its envs started and describe its end:
+        ``(description, error)``; the error says the vector env cannot continue."""
+        process = self.resources.processes[w]
+        process.join(0.5)  # it closed its pipe or sentinel: it is exiting, if not reaped yet
+        code = process.exitcode
+        if code is not None:
+            _kill_group(process.pid)
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        what = f"{self.describe(w)} {how}"
+        error = WorkerDiedError(
+            f"{what}. The vector env cannot continue; close it and make a new one.",
+            worker=w, env_indices=tuple(self.groups[w]), pid=process.pid, exitcode=code,
+        )
+        return what, error
+
+    def _worker_died(self, w: int) -> None:
+        self.broken = error = self._death(w)[1]
+        self._lost = set()
+        raise error
+
+    def _break(self, error: WorkerDiedError) -> WorkerDiedError:
+        self.broken = error
+        return error
+
+    def _replace_lost(self, name: str) -> None:
+        """Start a new worker for every lost one (``restart_workers=True``).
+
+        The new worker builds fresh envs from ``env_fns`` and resets them (seed ``None``)
+        before it serves. During a step it writes their observations into the step's slot
+        and the step reports them truncated (the caller reads :attr:`replaced`); any other
+        command cannot make up the lost results, so it raises :class:`WorkerDiedError` with
+        ``restarted=True`` once the replacements are up.
+        """
+        res = self.resources
+        lost, self._lost = sorted(self._lost), set()
+        in_step = name == "step"
+        deaths = {w: self._death(w) for w in lost}
+        autoreset = in_step and self.autoreset_mode is AutoresetMode.NEXT_STEP
+        for w in lost:
+            self._release_permit(w)
+            res.pipes[w].close()
+            old = res.processes[w]
+            if old.exitcode is None:  # closed its pipe yet still running: make sure
+                old.kill()
+                old.join(1.0)
+                _kill_group(old.pid)
+            try:
+                res.processes[w], res.pipes[w] = self._launch(
+                    w, initial_reset=(in_step, autoreset))
+            except Exception as exc:  # cannot fork, say; shutdown joins the old one
+                what, died = deaths[w]
+                raise self._break(WorkerDiedError(
+                    f"{what} during `{name}`, and its replacement could not be started: {exc}",
+                    worker=w, env_indices=died.env_indices, pid=died.pid,
+                    exitcode=died.exitcode)) from exc
+            old.close()
+        self.replaced = []
+        try:  # a replacement that dies breaks the vector env
+            started = self._await_start(lost, replies=True)
+        except WorkerStartTimeoutError as exc:
+            what, died = deaths[exc.worker]
+            raise self._break(WorkerDiedError(
+                f"{what} during `{name}`, and its replacement (pid {exc.pid}) made no progress "
+                f"for {self.start_timeout:g} s while {exc.phase}; pass a larger "
+                "`start_timeout=` if that is expected. The vector env cannot continue; close "
+                "it and make a new one.",
+                worker=exc.worker, env_indices=died.env_indices, pid=died.pid,
+                exitcode=died.exitcode)) from None
+        restarted = []
+        for w in lost:
+            what, died = deaths[w]
+            first, *reply = started[w]
+            if isinstance(first, M.InitError):
+                cause = rebuild(first.error.payload)
+                raise self._break(WorkerDiedError(
+                    f"{what} during `{name}`, and its replacement could not be started: env "
+                    f"{first.error.index} raised {type(cause).__name__}: {cause}. The vector "
+                    "env cannot continue; close it and make a new one.",
+                    worker=w, env_indices=died.env_indices, pid=died.pid,
+                    exitcode=died.exitcode)) from cause
+            self.replaced.append((w, reply[0]))
+            pid = res.processes[w].pid
+            if in_step:
+                logger.warn(f"{what} during `step`; restarted it as pid {pid}. Its envs are "
+                            "fresh (reset with seed None): this step reports them truncated, "
+                            "with info `worker_restarted`.")
+            else:
+                restarted.append(WorkerDiedError(
+                    f"{what} during `{name}`; restarted it as pid {pid} with fresh envs (reset "
+                    f"with seed None). The `{name}` results are lost: call it again (after a "
+                    "`reset`, if you need the new envs' observations).",
+                    worker=w, env_indices=died.env_indices, pid=died.pid,
+                    exitcode=died.exitcode, restarted=True))
+        if not in_step:
+            self.replaced = []
+            raise restarted[0]
+
+    def _release_permit(self, w: int) -> None:
+        """Give back the max_concurrency permit a dead worker held."""
+        line = self.plan.worker_line(w)
+        if self._semaphore is not None and self.doorbells.load(line + S.PERMIT):
+            try:
+                self._semaphore.release()
+            except ValueError:  # it had not taken it after all
+                pass
+        self.doorbells.store(line + S.PERMIT, 0)
+
+    # -- teardown --------------------------------------------------------------------------
+    def shutdown(self, terminate: bool) -> None:
+        """End the workers (at once with ``terminate``) and free the segment."""
+        if terminate:
+            self.resources.terminate_workers()
+        self.resources.shutdown()
