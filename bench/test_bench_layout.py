@@ -47,9 +47,9 @@ def _gymnasium_step(space, memory, samples, deep_copy: bool):
 
 
 def _fastvec_step(layout, samples, copy_out: bool):
-    write_slot = layout.write_slot
+    write_row = layout.write_row
     for env, sample in enumerate(samples):
-        write_slot(sample, env)
+        write_row(sample, env)
     return layout.read_batch(copy=copy_out)
 
 

@@ -772,6 +772,14 @@ class Unregistered(Space):
         return True
 
 
+def test_discrete_beyond_int64_has_no_layout() -> None:
+    # the kernels store an int64: such values would not survive, so there is no layout
+    with pytest.raises(CustomSpaceError, match="beyond int64"):
+        Layout(Discrete(4, start=2**63, dtype=np.uint64), 2)
+    with pytest.raises(CustomSpaceError, match="beyond int64"):
+        Layout(Dict({"id": Discrete(2, start=2**63 - 1, dtype=np.uint64)}), 2)
+
+
 @pytest.mark.parametrize("space", [Unregistered(), Tuple([Discrete(2), Unregistered()])],
                          ids=["top level", "nested"])
 def test_unknown_space_subclass_raises_custom_space_error(space: Space) -> None:

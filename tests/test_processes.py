@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -131,7 +132,7 @@ def test_threads_build_their_envs_at_once(threads, context):
 
 
 # -- 2. start-up deadlines ---------------------------------------------------------------------
-@pytest.mark.parametrize("value", [0, -1.0, "10", float("nan")])
+@pytest.mark.parametrize("value", [0, -1.0, "10", float("nan"), True])
 def test_start_timeout_must_be_positive_or_none(value):
     with pytest.raises(ValueError, match="start_timeout"):
         make(start_timeout=value)
@@ -216,6 +217,54 @@ def test_close_ends_what_the_envs_started(context, terminate):
         wait_gone(children)
     finally:
         kill_all(children)
+
+
+def _ignored_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("SigIgn:"))
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_and_what_envs_start_ignore_terminal_stops():
+    # a background group is stopped by a terminal it writes to (`stty tostop`) or whose
+    # settings it changes: the workers and the processes their envs start ignore those stops
+    with make() as envs:
+        pids = [process.pid for process in envs._pool.resources.processes]
+        pids += list(envs.get_attr("child_pid"))
+        for pid in pids:
+            mask = _ignored_signals(pid)
+            for stop in (signal.SIGTTOU, signal.SIGTTIN):
+                assert mask & (1 << (stop - 1)), (pid, stop)
+
+
+def test_a_reaped_worker_pid_taken_by_another_process_is_never_signalled(monkeypatch):
+    # once reaped, a worker's pid may name another process (and group): no kill may reach it
+    from fastvec import _pool
+
+    process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(10,))
+    process.start()
+    try:
+        started = _pool._start_time(process.pid)
+        assert started is not None
+        killed: list[int] = []
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append(pid))
+        _pool._kill_group(process.pid, started)  # our unreaped child: its group goes
+        assert killed == [process.pid]
+        monkeypatch.setattr(os, "waitid", _not_our_child)
+        _pool._kill_group(process.pid, started)  # a forkserver's child, still the same one
+        assert killed == [process.pid] * 2
+        _pool._kill_group(process.pid, "1")  # the pid now names another process: spared
+        assert killed == [process.pid] * 2
+    finally:
+        monkeypatch.undo()
+        process.kill()
+        process.join()
+        process.close()
+
+
+def _not_our_child(*args: Any) -> None:
+    raise ChildProcessError("not our child")
 
 
 @pytest.mark.parametrize("restart", [False, True])

@@ -19,6 +19,8 @@ import multiprocessing
 import os
 import pickle
 import re
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -610,8 +612,9 @@ def test_actions_without_a_layout_travel_pickled(space_name, shared_memory):
             # for a wrong count
             with pytest.raises(Exception) as gymnasium_refusal:
                 list(iterate(envs.action_space, 0))
-            with pytest.raises(type(gymnasium_refusal.value)):
+            with pytest.raises(type(gymnasium_refusal.value)) as refusal:
                 envs.step(0)
+            assert isinstance(refusal.value, fastvec.errors.InvalidActionsError)
             with pytest.raises(ValueError, match="one action for each of the 4 envs, got 3"):
                 envs.step(envs.action_space.sample()[:3])
             actions = envs.action_space.sample()
@@ -842,6 +845,32 @@ def test_invalid_actions_errors_pickle():
     assert isinstance(error, KeyError) and str(error) == "actions: bad"
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is type(error) and str(again) == "actions: bad"
+    # also in a process that never made the mixed class (a pool, Ray)
+    code = ("import pickle, sys; e = pickle.loads(sys.stdin.buffer.read()); "
+            "print(type(e).__name__, isinstance(e, KeyError), isinstance(e, ValueError), e)")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(error),
+                         capture_output=True, timeout=60, check=True).stdout.decode()
+    assert out.split() == ["InvalidActionsKeyError", "True", "True", "actions:", "bad"]
+
+
+def test_discrete_beyond_int64():
+    # the kernels store int64: such a space has no layout, its actions travel pickled
+    big = spaces.Discrete(4, start=2**63, dtype=np.uint64)
+    fns = [functools.partial(test_envs.ActionEchoEnv, spaces.Discrete(3), big)] * 2
+    with fastvec.AsyncVectorEnv(fns) as envs:
+        assert envs._plan.actions is None
+        envs.reset(seed=0)
+        actions = envs.action_space.sample()
+        assert envs.step(actions)[4]["action_type"].tolist() == ["uint64", "uint64"]
+    obs_fns = [functools.partial(test_envs.ActionEchoEnv, big, spaces.Discrete(3))] * 2
+    with pytest.raises(ValueError, match="shared_memory=False"):
+        fastvec.AsyncVectorEnv(obs_fns)
+    reference = SyncVectorEnv(obs_fns)
+    try:
+        with fastvec.AsyncVectorEnv(obs_fns, shared_memory=False) as envs:
+            assert_same(reference.reset(seed=4), envs.reset(seed=4), "reset")
+    finally:
+        reference.close()
 
 
 @contextlib.contextmanager

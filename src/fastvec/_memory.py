@@ -7,8 +7,10 @@ first written, so a segment larger than the free space would be created without 
 and a worker would die of SIGBUS later. :func:`create` therefore checks the free space and
 preallocates the POSIX segment; when it does not fit, the segment is an anonymous memory file
 (``memfd``, Linux) that ``/dev/shm`` does not limit, or, where there is none, a temporary
-file mapped shared. Every backend is mode 0600 and freed at close and at the parent's death:
-the POSIX name by multiprocessing's resource tracker, a memfd by having no name at all.
+file mapped shared. Every backend is mode 0600 and freed at close; at the parent's death the
+POSIX name is unlinked by multiprocessing's resource tracker and a memfd has no name to
+leave behind, but the temporary file (only where there is no memfd) is left in the temporary
+directory.
 """
 
 from __future__ import annotations

@@ -72,17 +72,48 @@ def split_groups(num_envs: int, num_workers: int) -> list[range]:
     return groups
 
 
-def _kill_group(pid: int | None) -> None:
-    """SIGKILL what is left of worker ``pid``'s process group: the processes its envs started.
+def _start_time(pid: int | None) -> str | None:
+    """The kernel's start time of process ``pid`` (None where there is no /proc or no such
+    process): with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[19].decode()  # field 22 of stat(5), counted after the command name
 
-    The group's id is the worker's pid, which cannot be reused while the group has members.
+
+def _kill_group(pid: int | None, start_time: str | None) -> None:
+    """SIGKILL what is left of worker ``pid``'s group: the processes its envs started.
+
+    The group's id is the worker's pid. While a member of that group lives the number cannot
+    be reused, but once the worker is reaped and the group is empty another process may take
+    it and lead a group of its own: the kill is sent only while the worker is still our
+    unreaped child, or the process with its pid is still the worker (its ``start_time``: a
+    forkserver's child), or no process has that pid (then only the worker's orphans can).
     """
     if pid is None:
         return
+    ours = False
+    if hasattr(os, "waitid"):
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            ours = True
+        except ChildProcessError:  # reaped already, or a forkserver's child
+            pass
+    if not ours:
+        now = _start_time(pid)
+        if now is not None and now != start_time:  # the pid is another process's now
+            return
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):  # nothing left (or not ours to end)
         pass
+
+
+def _exited(process: BaseProcess, timeout: float = 0.0) -> bool:
+    """Whether ``process`` ended (waiting up to ``timeout``), without reaping it."""
+    return bool(connection.wait([process.sentinel], timeout))
 
 
 class Resources:
@@ -100,10 +131,17 @@ class Resources:
         self.results: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.processes: list[BaseProcess] = []
         self.pipes: list[connection.Connection] = []
+        # each worker's start time, read at launch: with its pid, names it for good
+        self.start_times: dict[int, str | None] = {}
+
+    def kill_group(self, process: BaseProcess) -> None:
+        """End what is left of ``process``'s group (see :func:`_kill_group`)."""
+        if process.pid is not None:
+            _kill_group(process.pid, self.start_times.get(process.pid))
 
     def terminate_workers(self) -> None:
         for process in self.processes:
-            if process.is_alive():
+            if not _exited(process):  # not is_alive(): it would reap, before the group kill
                 process.terminate()
 
     def shutdown(self, join_timeout: float = 2.0) -> None:
@@ -121,7 +159,7 @@ class Resources:
             sentinels -= set(connection.wait(list(sentinels),
                                              max(0.0, deadline - time.monotonic())))
         for process in self.processes:
-            _kill_group(process.pid)  # a worker still running goes with it
+            self.kill_group(process)  # a worker still running goes with it
         for process in self.processes:
             process.join(1.0)
             if process.is_alive():
@@ -280,6 +318,8 @@ class WorkerPool:
                 raise
             finally:
                 child_pipe.close()
+        if process.pid is not None:
+            self.resources.start_times[process.pid] = _start_time(process.pid)
         return process, parent_pipe
 
     def _await_start(self, workers: Sequence[int],
@@ -438,8 +478,10 @@ class WorkerPool:
             return self.wait(self.start_timeout, name)
         except multiprocessing.TimeoutError:
             doorbells, line = self.doorbells, self.plan.worker_line
-            w = min(w for w in range(self.num_workers)
-                    if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ))
+            # the first worker still busy (any, should the last have finished since)
+            w = min((w for w in range(self.num_workers)
+                     if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ)),
+                    default=0)
             raise self._start_timeout(w, phase) from None
 
     def _survivors_done(self) -> bool:
@@ -477,7 +519,7 @@ class WorkerPool:
     # -- deaths and restarts ---------------------------------------------------------------
     def _check_workers(self, restart: bool = False) -> None:
         for w, process in enumerate(self.resources.processes):
-            if w not in self._lost and process.exitcode is not None:
+            if w not in self._lost and _exited(process):
                 if not restart:
                     self._worker_died(w)
                 self._mark_lost(w)
@@ -491,10 +533,11 @@ class WorkerPool:
         """Reap worker ``w``, end what its envs started and describe its end:
         ``(description, error)``; the error says the vector env cannot continue."""
         process = self.resources.processes[w]
-        process.join(0.5)  # it closed its pipe or sentinel: it is exiting, if not reaped yet
+        # it closed its pipe or sentinel: it is exiting; its group goes before it is reaped
+        if _exited(process, 0.5):
+            self.resources.kill_group(process)
+        process.join(0.5)  # blocks until the exit that closed the sentinel is complete
         code = process.exitcode
-        if code is not None:
-            _kill_group(process.pid)
         if code is None:
             how = "closed its pipe"
         elif code < 0:
@@ -540,8 +583,9 @@ class WorkerPool:
             old = res.processes[w]
             if old.exitcode is None:  # closed its pipe yet still running: make sure
                 old.kill()
+                _exited(old, 1.0)
+                res.kill_group(old)
                 old.join(1.0)
-                _kill_group(old.pid)
             try:
                 res.processes[w], res.pipes[w] = self._launch(
                     w, initial_reset=(in_step, autoreset))

@@ -86,15 +86,21 @@ def invalid_actions(message: str, gymnasium_type: type[BaseException] | None
     if gymnasium_type is None or issubclass(InvalidActionsError, gymnasium_type):
         return InvalidActionsError(message)
     mixed = _MIXED.get(gymnasium_type)
-    if mixed is None:
-        name = f"InvalidActions{gymnasium_type.__name__}"
-        try:
-            mixed = type(name, (InvalidActionsError, gymnasium_type), {"__module__": __name__})
-        except TypeError:  # a C layout that cannot be mixed with ValueError's (OSError...)
-            return InvalidActionsError(message)
-        globals()[name] = mixed  # picklable by name, like a class written here
-        _MIXED[gymnasium_type] = mixed
-    return mixed(message)
+    try:
+        if mixed is None:
+            mixed = type(f"InvalidActions{gymnasium_type.__name__}",
+                         (InvalidActionsError, gymnasium_type),
+                         {"__module__": __name__, "__reduce__": _reduce_mixed})
+            _MIXED[gymnasium_type] = mixed
+        return mixed(message)
+    except TypeError:  # a layout or constructor that cannot be mixed with ValueError's
+        return InvalidActionsError(message)
+
+
+def _reduce_mixed(self: InvalidActionsError) -> tuple[object, tuple[str, type[BaseException]]]:
+    # made anew on unpickling, in any process: the mixed class exists only where it was made
+    base = next(b for b in type(self).__bases__ if b is not InvalidActionsError)
+    return (invalid_actions, (str(self), base))
 
 
 class WorkerStartTimeoutError(TimeoutError):

@@ -154,9 +154,15 @@ class _Builder:
             # the kernels store an int64; the dtype's own range always bounds what it takes
             info = np.iinfo(dtype)
             low, high = max(int(info.min), _INT64_MIN), min(int(info.max), _INT64_MAX)
+            start, last = int(space.start), int(space.start) + int(space.n) - 1
+            if start < _INT64_MIN or last > _INT64_MAX:
+                raise CustomSpaceError(
+                    f"{path}: {space} has values beyond int64, which fastvec's kernels do not "
+                    "store; as an observation space pass `shared_memory=False` (actions of "
+                    "such a space travel pickled)."
+                )
             if self.check_range:
-                start = int(space.start)
-                low, high = max(low, start), min(high, start + int(space.n) - 1)
+                low, high = max(low, start), min(high, last)
             return Node(_KIND["discrete"], offset, stride, dtype, (), low=low, high=high)
         if isinstance(space, spaces.Text):
             offset, stride = self.leaf(path, _INT32, (space.max_length,))

@@ -192,9 +192,10 @@ class AsyncVectorEnv(VectorEnv):
                     f"`max_concurrency` must be a positive or None, got {max_concurrency}."
                 )
         self.max_concurrency = max_concurrency
-        if start_timeout is not None and not (
-                isinstance(start_timeout, (int, float, np.integer, np.floating))
-                and start_timeout > 0):
+        if start_timeout is not None and (
+                isinstance(start_timeout, bool)
+                or not isinstance(start_timeout, (int, float, np.integer, np.floating))
+                or not start_timeout > 0):
             raise ValueError(
                 f"`start_timeout` must be a positive number of seconds or None, got "
                 f"{start_timeout!r}."
@@ -464,7 +465,10 @@ class AsyncVectorEnv(VectorEnv):
 
     def _iterate_actions(self, actions: Any) -> list[Any]:
         """One action per env, split by Gymnasium's ``iterate`` (and raising its errors)."""
-        per_env = list(iterate(self.action_space, actions))
+        try:
+            per_env = list(iterate(self.action_space, actions))
+        except Exception as exc:  # Gymnasium's own refusal, with its type kept
+            raise invalid_actions(f"actions: {exc}", type(exc)) from exc
         if len(per_env) != self.num_envs:
             raise invalid_actions(
                 f"actions: expected one action for each of the {self.num_envs} envs, got "

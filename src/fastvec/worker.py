@@ -366,6 +366,11 @@ def _lead_process_group() -> bool:
         os.setpgid(0, 0)
     except OSError:  # not allowed (a session leader): its descendants are not tracked
         return False
+    # A background group is stopped by the terminal when it writes under `stty tostop` or
+    # changes terminal settings (a curses renderer): ignored, these go through instead, for
+    # the processes the envs start too (an ignored signal stays ignored across exec).
+    for stop in (signal.SIGTTOU, signal.SIGTTIN):
+        signal.signal(stop, signal.SIG_IGN)
     return True
 
 
