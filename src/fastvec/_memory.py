@@ -22,7 +22,7 @@ import tempfile
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
-import _posixshmem  # type: ignore[import-not-found]
+import _posixshmem
 from gymnasium import logger
 
 __all__ = ["Handle", "SharedSegment", "attach", "create", "shm_free_bytes"]
