@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from gymnasium import spaces
 from gymnasium.error import CustomSpaceError
 
@@ -37,7 +38,9 @@ _INT64 = np.dtype(np.int64)
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 _INT32 = np.dtype(np.int32)
 
-_custom_layouts: dict[type, Callable[[spaces.Space], spaces.Space]] = {}
+_SpaceT = TypeVar("_SpaceT", bound=spaces.Space[Any])
+
+_custom_layouts: dict[type[spaces.Space[Any]], Callable[[Any], spaces.Space[Any]]] = {}
 
 
 class DynamicShapeError(TypeError):
@@ -62,7 +65,7 @@ def align(nbytes: int) -> int:
 
 
 def register_layout(
-    space_type: type[spaces.Space], equivalent: Callable[[Any], spaces.Space]
+    space_type: type[_SpaceT], equivalent: Callable[[_SpaceT], spaces.Space[Any]]
 ) -> None:
     """Teach fastvec the shared-memory layout of a custom ``Space`` subclass.
 
@@ -88,7 +91,7 @@ def register_layout(
     _custom_layouts[space_type] = equivalent
 
 
-def _registered_equivalent(space: spaces.Space) -> spaces.Space | None:
+def _registered_equivalent(space: spaces.Space[Any]) -> spaces.Space[Any] | None:
     for klass in type(space).__mro__:
         if klass in _custom_layouts:
             equivalent = _custom_layouts[klass](space)
@@ -106,7 +109,7 @@ class Leaf:
     """One typed array of the layout: ``(n, *shape)`` of ``dtype`` at byte ``offset``."""
 
     path: str
-    dtype: np.dtype
+    dtype: np.dtype[Any]
     shape: tuple[int, ...]
     offset: int
     nbytes: int
@@ -119,14 +122,14 @@ class _Builder:
         self.check_range = check_range
         self.leaves: list[Leaf] = []
 
-    def leaf(self, path: str, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[int, int]:
+    def leaf(self, path: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> tuple[int, int]:
         stride = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         offset = self.cursor
         self.leaves.append(Leaf(path, dtype, shape, offset, stride * self.n))
         self.cursor = offset + align(stride * self.n)
         return offset, stride
 
-    def build(self, space: spaces.Space, path: str) -> Node:
+    def build(self, space: spaces.Space[Any], path: str) -> Node:
         if not isinstance(space, spaces.Space):
             raise TypeError(f"{path}: expected a gymnasium Space, got {type(space).__name__}")
         equivalent = _registered_equivalent(space)
@@ -224,7 +227,7 @@ class Layout:
         The name used for the root in error messages (``"obs"``, ``"actions"``).
     """
 
-    def __init__(self, space: spaces.Space, n: int, base_offset: int = 0,
+    def __init__(self, space: spaces.Space[Any], n: int, base_offset: int = 0,
                  check_range: bool = True, path: str = "obs") -> None:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
@@ -312,7 +315,7 @@ class Layout:
         return _kernels.read_slot(self.root, env, copy)
 
 
-def compile_layout(space: spaces.Space, n: int, base_offset: int = 0, *,
+def compile_layout(space: spaces.Space[Any], n: int, base_offset: int = 0, *,
                    check_range: bool = True, path: str = "obs") -> Layout:
     """Compile ``space`` for ``n`` environments. See :class:`Layout`."""
     return Layout(space, n, base_offset, check_range=check_range, path=path)
@@ -332,7 +335,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.ndarray:
+def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
     dtype = node.dtype
     try:
         array = np.asarray(value)
@@ -357,7 +360,7 @@ def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.n
     return _contiguous(array, dtype)
 
 
-def _contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _contiguous(array: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,). Passing dtype also swaps
     # an equal dtype with another buffer format (np.longlong for int64) for the leaf's own.
     return np.asarray(array, dtype=dtype, order="C")
@@ -387,7 +390,9 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
         if not node.min_length <= len(value) <= node.max_length:
             raise ValueError(f"{path}: expected a str of length {node.min_length} to "
                              f"{node.max_length}, got length {len(value)}")
-        unknown = sorted(set(value) - node.charmap.keys())
+        charmap = node.charmap
+        assert charmap is not None  # _Builder.build gives every text node one
+        unknown = sorted(set(value) - charmap.keys())
         if unknown:
             raise ValueError(f"{path}: characters {''.join(unknown)!r} are not in the "
                              "space's charset")
