@@ -13,6 +13,7 @@ the POSIX name by multiprocessing's resource tracker, a memfd by having no name 
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import math
 import mmap
@@ -22,7 +23,6 @@ import tempfile
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
-import _posixshmem
 from gymnasium import logger
 
 __all__ = ["Handle", "SharedSegment", "attach", "create", "shm_free_bytes"]

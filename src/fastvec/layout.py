@@ -8,9 +8,9 @@ how a value that the fast path refuses is validated, explained and converted.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-import sys
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,9 +26,9 @@ __all__ = [
     "DynamicShapeError",
     "Layout",
     "Leaf",
+    "align",
     "compile_layout",
     "register_layout",
-    "align",
 ]
 
 ALIGNMENT = 64
@@ -402,7 +402,7 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
             raise ValueError(f"{path}: expected a tuple of length {len(node.children)}, "
                              f"got {_describe(value)}")
         return tuple(_coerce(child, item, f"{path}[{i}]")
-                     for i, (child, item) in enumerate(zip(node.children, value)))
+                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
     if kind == _KIND["dict"]:
         if not isinstance(value, Mapping):
             raise ValueError(f"{path}: expected a dict with keys {list(node.keys)}, "
@@ -413,7 +413,7 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
             raise ValueError(f"{path}: expected keys {list(node.keys)}, got keys "
                              f"{list(value)} (missing {missing}, unexpected {extra})")
         return {k: _coerce(child, value[k], _key_path(path, k))
-                for k, child in zip(node.keys, node.children)}
+                for k, child in zip(node.keys, node.children, strict=True)}
     if kind == _KIND["oneof"]:
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             raise ValueError(f"{path}: expected a pair (subspace index, sample), got "
@@ -439,7 +439,7 @@ def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
             raise ValueError(f"{path}: expected a tuple of length {len(node.children)}, "
                              f"got {_describe(value)}")
         return tuple(_coerce_batch(child, item, f"{path}[{i}]", n)
-                     for i, (child, item) in enumerate(zip(node.children, value)))
+                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
     if kind == _KIND["dict"]:
         if not isinstance(value, Mapping):
             raise ValueError(f"{path}: expected a dict with keys {list(node.keys)}, "
@@ -450,7 +450,7 @@ def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
             raise ValueError(f"{path}: expected keys {list(node.keys)}, got keys "
                              f"{list(value)} (missing {missing}, unexpected {extra})")
         return {k: _coerce_batch(child, value[k], _key_path(path, k), n)
-                for k, child in zip(node.keys, node.children)}
+                for k, child in zip(node.keys, node.children, strict=True)}
     # Text and OneOf batches are a sequence of n per-env samples.
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n:
         raise ValueError(f"{path}: expected a sequence of {n} samples, got {_describe(value)}")
