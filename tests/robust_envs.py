@@ -88,6 +88,8 @@ class Unpicklable:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Unpicklable)
 
+    __hash__ = None  # as __eq__ alone leaves it: unhashable
+
     def __repr__(self) -> str:
         return "Unpicklable()"
 

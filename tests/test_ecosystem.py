@@ -90,7 +90,7 @@ def assert_same(expected: Any, got: Any, where: str = "") -> None:
             assert_same(expected[key], got[key], f"{where}[{key!r}]")
     elif isinstance(expected, (list, tuple)):
         assert type(got) is type(expected) and len(got) == len(expected), where
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
             assert_same(e, g, f"{where}[{i}]")
     elif isinstance(expected, np.ndarray):
         assert isinstance(got, np.ndarray), f"{where}: {type(got)} is not an array"
@@ -138,7 +138,7 @@ def test_vector_wrapper_matches_sync(name: str, copy: bool) -> None:
         wrapped.close()
         reference.close()
     assert any(np.any(r[2] | r[3]) for r in expected[1:]), "no episode ended: test too short"
-    for t, (e, g) in enumerate(zip(expected, got)):
+    for t, (e, g) in enumerate(zip(expected, got, strict=True)):
         assert_same(_without_elapsed_time(e), _without_elapsed_time(g), f"{name} t={t}")
 
 
@@ -238,7 +238,7 @@ def _cartpole_by_value(**kwargs: Any) -> gym.Env:
 PARENT_ONLY_ENTRY_POINTS = {
     "string": "gymnasium.envs.classic_control.cartpole:CartPoleEnv",
     # a lambda is pickled by value: the worker needs no importable name at all
-    "lambda": lambda **kwargs: _cartpole_by_value(**kwargs),
+    "lambda": lambda **kwargs: _cartpole_by_value(**kwargs),  # noqa: PLW0108 - a lambda on purpose
 }
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import bound_layout, segment_name
 from gymnasium.error import CustomSpaceError
 from gymnasium.spaces import (
     Box,
@@ -48,6 +47,7 @@ from hypothesis import strategies as st
 
 import fastvec
 import fastvec.layout
+from conftest import bound_layout, segment_name
 from fastvec._kernels import Segment
 from fastvec.layout import Layout
 
@@ -140,7 +140,7 @@ def nested_spaces(depth: int) -> st.SearchStrategy[Space]:
     # Built from pairs so that the drawn (unsorted) key order is the space's order.
     dicts = st.lists(st.sampled_from(DICT_KEYS), min_size=1, max_size=3, unique=True).flatmap(
         lambda keys: st.tuples(*[children for _ in keys]).map(
-            lambda subs, keys=keys: Dict(list(zip(keys, subs)))))
+            lambda subs, keys=keys: Dict(list(zip(keys, subs, strict=True)))))
     oneofs = st.lists(children, min_size=1, max_size=3).map(OneOf)
     # One draw picks the kind: st.one_of would flatten leaf_spaces' five branches into its
     # own and make leaves five times likelier than each container.
@@ -175,7 +175,7 @@ def _normalise_row(space: Space, row: object) -> object:
         index, sample = row
         return (np.int64(index), expected_rows(space.spaces[index], [sample])[0])
     if isinstance(space, Tuple):
-        return tuple(_normalise_row(sub, item) for sub, item in zip(space.spaces, row))
+        return tuple(_normalise_row(sub, item) for sub, item in zip(space.spaces, row, strict=True))
     if isinstance(space, Dict):
         return {key: _normalise_row(sub, row[key]) for key, sub in space.spaces.items()}
     return row
@@ -185,7 +185,8 @@ def _normalise_batch(space: Space, batch: object) -> object:
     if isinstance(space, OneOf):
         return tuple(_normalise_row(space, item) for item in batch)
     if isinstance(space, Tuple):
-        return tuple(_normalise_batch(sub, item) for sub, item in zip(space.spaces, batch))
+        return tuple(_normalise_batch(sub, item)
+                     for sub, item in zip(space.spaces, batch, strict=True))
     if isinstance(space, Dict):
         return {key: _normalise_batch(sub, batch[key]) for key, sub in space.spaces.items()}
     return batch
@@ -220,7 +221,7 @@ def as_plain_python(space: Space, value: object) -> object:
         return {key: as_plain_python(space.spaces[key], value[key])
                 for key in reversed(list(space.spaces))}
     if isinstance(space, Tuple):
-        return [as_plain_python(sub, item) for sub, item in zip(space.spaces, value)]
+        return [as_plain_python(sub, item) for sub, item in zip(space.spaces, value, strict=True)]
     if isinstance(space, OneOf):
         index = int(value[0])
         return [index, as_plain_python(space.spaces[index], value[1])]
@@ -241,7 +242,7 @@ def assert_key_order(actual: object, expected: object) -> None:
         for key in expected:
             assert_key_order(actual[key], expected[key])
     elif isinstance(expected, tuple):
-        for a, e in zip(actual, expected):
+        for a, e in zip(actual, expected, strict=True):
             assert_key_order(a, e)
 
 
@@ -470,7 +471,7 @@ def test_copied_reads_never_change_after_later_writes() -> None:
 
 
 def test_uncopied_reads_are_views_that_follow_later_writes() -> None:
-    with bound_layout(COPY_SPACE, 3) as (layout, shm):
+    with bound_layout(COPY_SPACE, 3) as (layout, _shm):
         for env in range(3):
             layout.write_row(_copy_space_sample(1), env)
         batch = layout.read_batch(copy=False)

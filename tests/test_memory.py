@@ -286,7 +286,7 @@ def test_restart_workers_reattach_to_the_fallback(fallback, context):
         os.kill(victim.pid, 9)
         victim.join(5)
         with pytest.warns(UserWarning, match="restarted it as pid"):
-            obs, rewards, _, truncations, infos = envs.step(actions)
+            obs, rewards, _, truncations, _ = envs.step(actions)
         assert truncations[2:].all() and not truncations[:2].any()
         assert (obs[2:, 1:] == [0, 1]).all() and (obs[:2, 1] == 2).all()
         obs, rewards, *_ = envs.step(actions)  # the replacement writes into the segment

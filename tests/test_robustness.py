@@ -20,7 +20,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -188,7 +187,8 @@ def test_timeouts_are_honoured_and_the_call_completes(call):
         for timeout in TIMEOUTS:
             elapsed = _timed_out_after(wait, timeout)
             errors.append(elapsed - timeout)
-        assert all(-1e-3 <= e <= TOLERANCE for e in errors), list(zip(TIMEOUTS, errors))
+        assert all(-1e-3 <= e <= TOLERANCE for e in errors), list(zip(TIMEOUTS, errors,
+                                                                     strict=True))
         assert time.monotonic() - started < delay  # the call really was still running
         result = wait(timeout=30)
         if call == "reset":
@@ -245,7 +245,7 @@ def test_close_terminate_after_a_timeout_ends_everything_at_once(call):
     elapsed = time.monotonic() - start
     assert elapsed < 1.0, elapsed
     assert envs.closed
-    gone, alive = psutil.wait_procs(workers, timeout=0.5)
+    _, alive = psutil.wait_procs(workers, timeout=0.5)
     assert not alive
     assert not os.path.exists(os.path.join(SHM_DIR, segment))
 
@@ -270,7 +270,7 @@ _small_ints = st.integers(-5, 5)
 def _array_variants(array: np.ndarray) -> st.SearchStrategy[np.ndarray]:
     """The same values in other memory layouts: Fortran order, a strided view, byte-swapped."""
     def strided(a: np.ndarray) -> np.ndarray:
-        wide = np.zeros(a.shape + (2,), a.dtype)
+        wide = np.zeros((*a.shape, 2), a.dtype)
         wide[..., 0] = a
         return wide[..., 0]
 
@@ -352,7 +352,7 @@ def _action_cases(space_name: str) -> st.SearchStrategy[tuple[str, Any]]:
 
 def _same_action(space: spaces.Space, got: Any, want: Any) -> bool:
     if isinstance(space, spaces.Dict):
-        return all(_same_action(space[k], got[k], want[k]) for k in space.keys())
+        return all(_same_action(space[k], got[k], want[k]) for k in space.spaces)
     if isinstance(space, spaces.Discrete):
         return int(got) == int(want)
     want = np.asarray(want, dtype=space.dtype)
@@ -481,7 +481,7 @@ def _run_sync(case: tuple[str, Any]) -> tuple[str, Any]:
 
 def _assert_same_results(got: tuple, want: tuple) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         if isinstance(w, dict):
             assert g.keys() == w.keys()
             for key in w:
@@ -702,7 +702,7 @@ def _check_soak(report: dict[str, Any]) -> None:
     before, after = report["before"], report["after"]
     assert report["episodes"] > report["env_steps"] // 500  # infos came at episode ends
     assert after["parent_rss_mb"] - before["parent_rss_mb"] < 5.0, report
-    for b, a in zip(before["worker_rss_mb"], after["worker_rss_mb"]):
+    for b, a in zip(before["worker_rss_mb"], after["worker_rss_mb"], strict=True):
         assert a - b < 5.0, report
     assert after["parent_fds"] <= before["parent_fds"], report
     assert after["worker_fds"] == before["worker_fds"], report

@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 from multiprocessing.shared_memory import SharedMemory
+from typing import Any
 
 import pytest
 
@@ -210,7 +210,8 @@ def test_value_range_checked(bells: Doorbells) -> None:
         bells.add(0, 2**31)
 
 
-@pytest.mark.parametrize("offset", [1, 2, 3, 6, -1, -4, SEG_SIZE, SEG_SIZE - 2, SEG_SIZE + 4, 2**40])
+@pytest.mark.parametrize("offset",
+                         [1, 2, 3, 6, -1, -4, SEG_SIZE, SEG_SIZE - 2, SEG_SIZE + 4, 2**40])
 def test_bad_offsets(bells: Doorbells, offset: int) -> None:
     with pytest.raises(ValueError):
         bells.load(offset)

@@ -36,9 +36,9 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.vector.utils import batch_space, iterate
 
 import envs as test_envs
+import fastvec
 from conftest import _created_here as created_here
 from conftest import fastvec_segments
-import fastvec
 from fastvec._pool import WorkerPool
 from fastvec.errors import RemoteTraceback
 
@@ -271,13 +271,16 @@ def test_pending_call_errors():
                 wait()
         envs.step_async(actions)
         pending = "Calling `{}` while waiting for a pending call to `step` to complete"
-        with pytest.raises(AlreadyPendingCallError, match=re.escape(pending.format("step_async") + ".")):
+        with pytest.raises(AlreadyPendingCallError,
+                           match=re.escape(pending.format("step_async") + ".")):
             envs.step_async(actions)
         with pytest.raises(AlreadyPendingCallError, match=re.escape(pending.format("reset_async"))):
             envs.reset_async()
-        with pytest.raises(AlreadyPendingCallError, match=re.escape(pending.format("call_async") + ".")):
+        with pytest.raises(AlreadyPendingCallError,
+                           match=re.escape(pending.format("call_async") + ".")):
             envs.call_async("scaled", 1.0)
-        with pytest.raises(AlreadyPendingCallError, match=re.escape(pending.format("set_attr") + ".")):
+        with pytest.raises(AlreadyPendingCallError,
+                           match=re.escape(pending.format("set_attr") + ".")):
             envs.set_attr("custom_attr", 1)
         with pytest.raises(NoAsyncCallError):
             envs.reset_wait()
@@ -387,7 +390,7 @@ def test_close_terminate():
     finally:
         envs.close(terminate=True)
     assert envs.closed
-    gone, alive = psutil.wait_procs(workers, timeout=2.0)
+    _, alive = psutil.wait_procs(workers, timeout=2.0)
     assert not alive
 
 
@@ -593,8 +596,8 @@ def test_custom_worker_is_rejected():
 
 def test_dynamic_space_with_shared_memory_is_rejected():
     # Gymnasium's own sentence, then fastvec's advice
-    with pytest.raises(TypeError, match="has a dynamic shape so its not possible to make a "
-                       "static shared memory.*shared_memory=False"):
+    with pytest.raises(TypeError, match=r"has a dynamic shape so its not possible to make a "
+                       r"static shared memory.*shared_memory=False"):
         fastvec.AsyncVectorEnv(env_fns("graph", 2))
 
 
@@ -698,6 +701,7 @@ def test_constructor_failures_free_workers_and_segment():
     with worker_error(test_envs.FailError, [1], match="cannot build this env") as excinfo:
         fastvec.AsyncVectorEnv(fns, num_workers=2)
     assert child_pids() <= before_pids and _segments() <= before_segments
+    del excinfo
 
 
 @pytest.mark.parametrize("context", ["fork", "forkserver", "spawn"])
@@ -915,7 +919,7 @@ def test_sub_env_exception_keeps_workers_alive(num_workers):
         assert all(psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers)
         with pytest.raises(NoAsyncCallError):
             envs.step_wait()
-        obs, info = envs.reset(seed=1)
+        obs, _ = envs.reset(seed=1)
         assert obs[:, 1].tolist() == [0, 0, 0, 0]
         obs, rewards, *_ = envs.step(np.array([2, 2, 2, 2]))
         assert obs[:, 1].tolist() == [1, 1, 1, 1] and rewards.tolist() == [2.0] * 4
@@ -926,7 +930,7 @@ def test_several_sub_env_exceptions_are_all_logged():
     with fastvec.AsyncVectorEnv(failing_fns(4, failing=(1, 3), fail_at=1),
                                 num_workers=2) as envs:
         envs.reset(seed=0)
-        error, messages = _raise_from_step(envs, np.zeros(4, np.int64), test_envs.FailError,
+        error, _ = _raise_from_step(envs, np.zeros(4, np.int64), test_envs.FailError,
                                            [1, 3])
         assert str(error) == "env 3 failed at t=1"  # the last one, as Gymnasium does
         obs, *_ = envs.step(np.zeros(4, np.int64))
@@ -1005,7 +1009,7 @@ def test_idle_workers_burn_no_cpu(context):
         first = [_cpu_ticks(p) for p in workers]
         time.sleep(0.3)
         second = [_cpu_ticks(p) for p in workers]
-        growth = [b - a for a, b in zip(first, second)]
+        growth = [b - a for a, b in zip(first, second, strict=True)]
         assert all(g <= 2 for g in growth), growth
 
 
@@ -1059,8 +1063,7 @@ def test_copy_false_views_are_overwritten(shared_memory):
         snapshot = copy_module.deepcopy(first)
         rewards_snapshot = rewards.copy()
         second, *_ = envs.step(envs.action_space.sample())
-        for old, new, before in zip(_array_leaves(first), _array_leaves(second),
-                                    _array_leaves(snapshot)):
+        for old, new in zip(_array_leaves(first), _array_leaves(second), strict=True):
             assert np.shares_memory(old, new)
             np.testing.assert_array_equal(old, new)
         assert not data_equivalence(snapshot, first, exact=True)  # the views changed
@@ -1119,7 +1122,7 @@ def test_reset_mask_keeps_observations_across_slots():
         obs, _ = envs.reset(seed=5, options={"reset_mask": mask})
         expected, _ = ref.reset(seed=5, options={"reset_mask": mask})
         assert data_equivalence(obs, expected, exact=True)
-        for leaf, before in zip(_array_leaves(obs), _array_leaves(held)):
+        for leaf, before in zip(_array_leaves(obs), _array_leaves(held), strict=True):
             np.testing.assert_array_equal(leaf[~mask], before[~mask])
 
 

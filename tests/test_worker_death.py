@@ -29,7 +29,6 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -481,7 +480,7 @@ def test_restart_five_times_in_a_row(capfd):
             result = envs.step(actions)
         check_restarted_step(result, [0, 1, 4, 5], autoresetting=previous)
         for _ in range(5):
-            obs, rewards, terminations, truncations, infos = envs.step(actions)
+            *_, truncations, infos = envs.step(actions)
             assert infos == {} and not truncations.any()
         assert not seen & set(worker_pids(envs))
     finally:
@@ -594,7 +593,7 @@ def test_restart_gives_back_the_concurrency_permit_the_dead_worker_held():
             _, _, _, truncations, _ = envs.step_wait(timeout=5.0)
         assert list(np.flatnonzero(truncations)) == group
         envs.step_async(ACTIONS)
-        _, rewards, _, truncations, _ = envs.step_wait(timeout=5.0)
+        *_, truncations, _ = envs.step_wait(timeout=5.0)
         assert not truncations.any()
     finally:
         close_quickly(envs)

@@ -44,9 +44,9 @@ def use() -> None:
     assert_type(fastvec.__version__, str)
     envs = build()
     as_gymnasium: VectorEnv = envs  # a drop-in: usable wherever a VectorEnv is
-    obs, infos = envs.reset(seed=0)
+    _obs, infos = envs.reset(seed=0)
     assert_type(infos, dict[str, Any])
-    obs, rewards, terminations, truncations, infos = envs.step(np.zeros(4, dtype=np.int64))
+    _obs, rewards, _terminations, _truncations, infos = envs.step(np.zeros(4, dtype=np.int64))
     assert_type(rewards, np.ndarray)
     envs.step_async(np.zeros(4, dtype=np.int64))
     envs.step_wait(timeout=1.0)

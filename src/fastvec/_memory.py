@@ -15,6 +15,7 @@ directory.
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import math
 import mmap
@@ -24,7 +25,6 @@ import tempfile
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
-import _posixshmem  # type: ignore[import-not-found]
 from gymnasium import logger
 
 __all__ = ["Handle", "SharedSegment", "attach", "create", "shm_free_bytes"]

@@ -8,12 +8,13 @@ how a value that the fast path refuses is validated, explained and converted.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-import sys
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from gymnasium import spaces
 from gymnasium.error import CustomSpaceError
 
@@ -26,9 +27,9 @@ __all__ = [
     "Layout",
     "Leaf",
     "LeafError",
+    "align",
     "describe",
     "register_layout",
-    "align",
 ]
 
 ALIGNMENT = 64
@@ -38,7 +39,9 @@ _INT64 = np.dtype(np.int64)
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 _INT32 = np.dtype(np.int32)
 
-_custom_layouts: dict[type, Callable[[spaces.Space], spaces.Space]] = {}
+_SpaceT = TypeVar("_SpaceT", bound=spaces.Space[Any])
+
+_custom_layouts: dict[type[spaces.Space[Any]], Callable[[Any], spaces.Space[Any]]] = {}
 
 
 class DynamicShapeError(TypeError):
@@ -71,7 +74,7 @@ def align(nbytes: int) -> int:
 
 
 def register_layout(
-    space_type: type[spaces.Space], equivalent: Callable[[Any], spaces.Space]
+    space_type: type[_SpaceT], equivalent: Callable[[_SpaceT], spaces.Space[Any]]
 ) -> None:
     """Teach fastvec the shared-memory layout of a custom ``Space`` subclass.
 
@@ -97,7 +100,7 @@ def register_layout(
     _custom_layouts[space_type] = equivalent
 
 
-def _registered_equivalent(space: spaces.Space) -> spaces.Space | None:
+def _registered_equivalent(space: spaces.Space[Any]) -> spaces.Space[Any] | None:
     for klass in type(space).__mro__:
         if klass in _custom_layouts:
             equivalent = _custom_layouts[klass](space)
@@ -115,7 +118,7 @@ class Leaf:
     """One typed array of the layout: ``(n, *shape)`` of ``dtype`` at byte ``offset``."""
 
     path: str
-    dtype: np.dtype
+    dtype: np.dtype[Any]
     shape: tuple[int, ...]
     offset: int
     nbytes: int
@@ -128,14 +131,14 @@ class _Builder:
         self.check_range = check_range
         self.leaves: list[Leaf] = []
 
-    def leaf(self, path: str, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[int, int]:
+    def leaf(self, path: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> tuple[int, int]:
         stride = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         offset = self.cursor
         self.leaves.append(Leaf(path, dtype, shape, offset, stride * self.n))
         self.cursor = offset + align(stride * self.n)
         return offset, stride
 
-    def build(self, space: spaces.Space, path: str) -> Node:
+    def build(self, space: spaces.Space[Any], path: str) -> Node:
         if not isinstance(space, spaces.Space):
             raise TypeError(f"{path}: expected a gymnasium Space, got {type(space).__name__}")
         equivalent = _registered_equivalent(space)
@@ -239,7 +242,7 @@ class Layout:
         The name used for the root in error messages (``"obs"``, ``"actions"``).
     """
 
-    def __init__(self, space: spaces.Space, n: int, base_offset: int = 0,
+    def __init__(self, space: spaces.Space[Any], n: int, base_offset: int = 0,
                  check_range: bool = True, path: str = "obs") -> None:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
@@ -342,7 +345,7 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.ndarray:
+def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
     dtype = node.dtype
     try:
         array = np.asarray(value)
@@ -367,7 +370,7 @@ def _as_array(node: Node, value: Any, path: str, shape: tuple[int, ...]) -> np.n
     return _contiguous(array, dtype)
 
 
-def _contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _contiguous(array: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,). Passing dtype also swaps
     # an equal dtype with another buffer format (np.longlong for int64) for the leaf's own.
     return np.asarray(array, dtype=dtype, order="C")
@@ -397,7 +400,9 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
         if not node.min_length <= len(value) <= node.max_length:
             raise LeafError(f"{path}: expected a str of length {node.min_length} to "
                              f"{node.max_length}, got length {len(value)}")
-        unknown = sorted(set(value) - node.charmap.keys())
+        charmap = node.charmap
+        assert charmap is not None  # _Builder.build gives every text node one
+        unknown = sorted(set(value) - charmap.keys())
         if unknown:
             raise LeafError(f"{path}: characters {''.join(unknown)!r} are not in the "
                              "space's charset")
@@ -407,7 +412,7 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
             raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
                              f"got {describe(value)}")
         return tuple(_coerce(child, item, f"{path}[{i}]")
-                     for i, (child, item) in enumerate(zip(node.children, value)))
+                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
     if kind == _KIND["dict"]:
         if not isinstance(value, Mapping):
             raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
@@ -418,7 +423,7 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
             raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
                              f"{list(value)} (missing {missing}, unexpected {extra})")
         return {k: _coerce(child, value[k], _key_path(path, k))
-                for k, child in zip(node.keys, node.children)}
+                for k, child in zip(node.keys, node.children, strict=True)}
     if kind == _KIND["oneof"]:
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             raise LeafError(f"{path}: expected a pair (subspace index, sample), got "
@@ -444,7 +449,7 @@ def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
             raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
                              f"got {describe(value)}")
         return tuple(_coerce_batch(child, item, f"{path}[{i}]", n)
-                     for i, (child, item) in enumerate(zip(node.children, value)))
+                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
     if kind == _KIND["dict"]:
         if not isinstance(value, Mapping):
             raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
@@ -455,7 +460,7 @@ def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
             raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
                              f"{list(value)} (missing {missing}, unexpected {extra})")
         return {k: _coerce_batch(child, value[k], _key_path(path, k), n)
-                for k, child in zip(node.keys, node.children)}
+                for k, child in zip(node.keys, node.children, strict=True)}
     # Text and OneOf batches are a sequence of n per-env samples.
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n:
         raise LeafError(f"{path}: expected a sequence of {n} samples, got {describe(value)}")

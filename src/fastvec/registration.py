@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import gymnasium
 from gymnasium import Env
@@ -14,12 +14,15 @@ from fastvec.vector_env import AsyncVectorEnv
 
 __all__ = ["make_vec"]
 
+# what Gymnasium's make_vec takes as a wrapper: usually the Wrapper class itself
+_WrapperFactory: TypeAlias = Callable[[Env[Any, Any]], gymnasium.Wrapper[Any, Any, Any, Any]]
+
 
 def make_vec(
     id: str | EnvSpec,
     num_envs: int = 1,
     vector_kwargs: dict[str, Any] | None = None,
-    wrappers: Sequence[Callable[[Env], gymnasium.Wrapper]] | None = None,
+    wrappers: Sequence[_WrapperFactory] | None = None,
     **kwargs: Any,
 ) -> AsyncVectorEnv:
     """Create a fastvec :class:`AsyncVectorEnv` of ``num_envs`` copies of a registered env.
@@ -72,7 +75,7 @@ def make_vec(
             "entry point defined."
         )
 
-    def create_env() -> Env:
+    def create_env() -> Env[Any, Any]:
         env = gymnasium.make(env_spec, **env_kwargs.copy())
         for wrapper in wrappers:
             env = wrapper(env)
