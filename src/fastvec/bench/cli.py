@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastvec.bench.plot import MISSING_MATPLOTLIB, matplotlib_missing, plot_results
@@ -69,10 +69,11 @@ examples:
 """
 
 
-def _csv(choices: Sequence[str] | None = None, kind: type = str):
+def _csv(choices: Sequence[str] | None = None,
+         kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
     """argparse type: a comma-separated list (flags that use it may also be repeated)."""
 
-    def parse(text: str) -> list:
+    def parse(text: str) -> list[Any]:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected at least one value")
@@ -101,8 +102,10 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive(kind: type):
-    def parse(text: str):
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type: a number of ``kind`` above zero."""
+
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:

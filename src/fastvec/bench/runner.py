@@ -184,7 +184,7 @@ def _ceiling_child(index: int, env_fn: Callable[[], gym.Env], seconds: float, wa
         actions = [env.action_space.sample() for _ in range(ACTION_BATCHES)]
         env.reset(seed=index)
 
-        def on_done(result: tuple) -> None:
+        def on_done(result: tuple[Any, ...]) -> None:
             if result[2] or result[3]:
                 env.reset()
 
