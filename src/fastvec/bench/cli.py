@@ -273,7 +273,7 @@ def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
             f"policy x{num_envs}: {p['policy']}, {p['policy_seconds'] * 1e3:.2f} ms per batch "
             f"vs {p['env_batch_seconds'] * 1e3:.2f} ms to step it on one core (ratio "
             f"{p['policy_seconds'] / p['env_batch_seconds']:.2f}); BLAS in the parent: "
-            f"{p['blas']}, CPU/wall {p['cpu_per_wall']:.2f}")
+            f"{p['blas']}; its CPU/wall {p['cpu_per_wall']:.2f} (above 1: several threads)")
         notes.append(
             f"policy x{num_envs}: bound = {num_envs} envs x {p['cores']} cores / (policy + "
             f"env) = {_fmt_int(p['bound'])} env-steps/s; no vectoriser beats it on "
