@@ -249,13 +249,16 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(out)
 
 
-def format_header(contention: int) -> str | None:
+def format_header(contention: dict[str, Any]) -> str | None:
     """The line above the table saying what else ran on the machine, or None when nothing."""
-    if not contention:
+    started, ran = contention["processes"], contention["ran"]
+    if not started:
         return None
-    s = "" if contention == 1 else "es"
-    return (f"contention: {contention} busy-looping process{s} (pure-Python `while True: "
-            f"pass`, unpinned) ran beside every timed run; calibration ran before them")
+    s = "" if started == 1 else "es"
+    # counted when they were stopped: one that exited early did not run throughout
+    early = "" if ran == started else f" ({started - ran} of them exited early)"
+    return (f"contention: {started} busy-looping process{s} (pure-Python `while True: "
+            f"pass`, unpinned) ran beside every timed run{early}; calibration ran before them")
 
 
 def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
@@ -311,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     wall = time.perf_counter() - started
 
-    header = format_header(config.contention)
+    header = format_header(extra["contention"])
     if header is not None:
         print(header)
         print()
