@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import fastvec
 from fastvec.bench import main
 from fastvec.bench.cli import build_parser
 
@@ -36,9 +37,9 @@ def test_help_explains_every_flag():
             assert flag in proc.stdout, flag
         assert action.help, f"{action.option_strings} has no help text"
     for flag in ("--workload", "--num-envs", "--num-workers", "--seconds", "--repeats",
-                 "--warmup", "--json", "--plot", "--backends", "--quiet"):
+                 "--warmup", "--json", "--plot", "--backends", "--quiet", "--contention"):
         assert flag in proc.stdout
-    for workload in ("image", "cartpole", "dict", "compute", "atari"):
+    for workload in ("image", "cartpole", "dict", "compute", "jitter", "policy", "atari"):
         assert workload in proc.stdout
 
 
@@ -112,3 +113,44 @@ def test_atari_is_skipped_with_a_note_when_ale_py_is_missing(monkeypatch, tmp_pa
     data = json.loads(out.read_text())
     assert "atari" in data["skipped"]
     assert [(r["workload"], r["backend"]) for r in data["results"]] == [("cartpole", "gym-sync")]
+
+
+def test_jitter_run_reports_each_backends_fraction_of_the_ceiling(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("--workload", "jitter", "--num-envs", "2", *TINY, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "of ceiling" in lines[0] and "of bound" not in lines[0]
+    rows = {line.split()[2]: line.split() for line in lines if line.startswith("jitter ")}
+    assert set(rows) == BACKENDS | {"ceiling"}
+    for backend in BACKENDS:  # every timed row ends with its fraction, e.g. "0.42"
+        assert re.fullmatch(r"\d+\.\d\d", rows[backend][-1]), rows[backend]
+    assert any(line.startswith("jitter: ") and "uniform per step" in line for line in lines)
+    data = json.loads(out.read_text())
+    low, high = data["jitter_rounds_per_step"]
+    assert high == pytest.approx(5 * low)  # 100-500 us
+    assert "fastvec/ceiling" in {q["ratio"] for q in data["ratios"]}
+
+
+def test_policy_run_reports_the_bound_and_each_backends_fraction(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("--workload", "policy", "--num-envs", "4", *TINY, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "of bound" in lines[0] and "of ceiling" not in lines[0]
+    rows = {line.split()[2]: line.split() for line in lines
+            if line.startswith("policy ") and line.split()[1] == "4"}
+    expected = BACKENDS | {"bound"}
+    if hasattr(fastvec.AsyncVectorEnv, "recv"):
+        expected.add("fastvec-db")
+    assert set(rows) == expected
+    for backend in expected - {"bound"}:
+        assert re.fullmatch(r"\d+\.\d\d", rows[backend][-1]), rows[backend]
+    data = json.loads(out.read_text())
+    p = data["policy"]["4"]
+    assert p["bound"] == pytest.approx(4 * p["cores"] / (p["policy_seconds"]
+                                                         + p["env_batch_seconds"]))
+    bound_row = next(r for r in data["results"] if r["backend"] == "bound")
+    assert bound_row["median"] == pytest.approx(p["bound"])
+    assert p["blas"] in proc.stdout and f"x{p['depth']}" in p["policy"]
+    assert any(line.startswith("policy x4: bound = 4 envs x") for line in lines)

@@ -6,14 +6,16 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastvec.bench.plot import MISSING_MATPLOTLIB, matplotlib_missing, plot_results
 from fastvec.bench.runner import (
     ACTION_BATCHES,
     BACKENDS,
+    BOUND,
     CEILING,
+    DOUBLE_BUFFERED,
     BenchConfig,
     Result,
     machine_info,
@@ -22,7 +24,7 @@ from fastvec.bench.runner import (
 )
 from fastvec.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
 
-__all__ = ["build_parser", "format_table", "main", "ratios"]
+__all__ = ["build_parser", "format_header", "format_notes", "format_table", "main", "ratios"]
 
 _DESCRIPTION = """\
 Compare fastvec.AsyncVectorEnv with gymnasium's AsyncVectorEnv and SyncVectorEnv, all at
@@ -31,8 +33,18 @@ default settings, in one run on this machine.
 For each workload, every backend does reset(seed=0), warms up, then calls step() for
 --seconds with actions pre-sampled from the batched action space. Backends take turns
 (A, B, C, A, B, C, ...) so they share the machine's noise, and each reports the median
-env-steps/s over --repeats. For "compute" the run also measures the ceiling: one
-free-running process per usable core stepping its own env with no IPC at all.
+env-steps/s over --repeats. For "compute" and "jitter" the run also measures the ceiling:
+one free-running process per usable core stepping its own env with no IPC at all; every
+backend's "of ceiling" is its fraction of that.
+
+"policy" times a trainer's loop instead: the parent computes each batch's actions with a
+numpy MLP (BLAS held to one thread), calibrated to cost what one core needs to step the
+batch. On C usable cores no vectoriser beats (policy + env) / C per batch: the "bound" row,
+C times what an overhead-free gym-sync would do in the same loop; "of bound" is each
+backend's fraction of it.
+
+--contention N runs N busy-looping processes beside every timed run (calibration runs
+before they start), to show how each backend copes on a machine it does not have to itself.
 
 A progress bar on stderr shows the workload, backend and repeat being timed, the time
 elapsed and the estimated total. The defaults take about two minutes on 2 cores.
@@ -52,13 +64,16 @@ examples:
   python -m fastvec.bench --num-envs 8,16,32 --plot bench.png
   python -m fastvec.bench --workload cartpole,image --num-envs 8,64 --seconds 1
   python -m fastvec.bench --workload compute --num-workers 2 --json out.json
+  python -m fastvec.bench --workload jitter,policy --seconds 1
+  python -m fastvec.bench --workload compute --contention 2
 """
 
 
-def _csv(choices: Sequence[str] | None = None, kind: type = str):
+def _csv(choices: Sequence[str] | None = None,
+         kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
     """argparse type: a comma-separated list (flags that use it may also be repeated)."""
 
-    def parse(text: str) -> list:
+    def parse(text: str) -> list[Any]:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected at least one value")
@@ -76,8 +91,21 @@ def _csv(choices: Sequence[str] | None = None, kind: type = str):
     return parse
 
 
-def _positive(kind: type):
-    def parse(text: str):
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type: a number of ``kind`` above zero."""
+
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
@@ -111,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", action="extend", type=_csv((*BACKENDS, CEILING)),
         metavar="NAME[,NAME...]",
         help=f"backends to compare (choices: {', '.join((*BACKENDS, CEILING))}; default: all). "
-             f"'{CEILING}' applies to the compute workload only")
+             f"'{CEILING}' applies to the compute and jitter workloads only; with fastvec, "
+             f"the policy workload also times '{DOUBLE_BUFFERED}' (fastvec double-buffered) "
+             "when this fastvec has the partial-batch API (AsyncVectorEnv.recv)")
     parser.add_argument(
         "--seconds", type=_positive(float), default=2.0, metavar="S",
         help="timed seconds per backend, per workload, per repeat (default: 2.0)")
@@ -121,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=float, default=0.3, metavar="S",
         help="untimed stepping before each timed run (default: 0.3)")
+    parser.add_argument(
+        "--contention", type=_non_negative_int, default=0, metavar="N",
+        help="run N busy-looping processes (pure-Python `while True: pass`, unpinned) beside "
+             "every timed run, started after calibration and killed at the end, also on "
+             "Ctrl-C or an error (default: 0)")
     parser.add_argument(
         "--json", metavar="PATH",
         help="also write every raw number (each repeat's steps, seconds and steps/s), the "
@@ -139,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- report ----------------------------------------------------------------------------------
 
+#: The rows whose ratios to the others are reported.
+_FASTVEC_ROWS = ("fastvec", DOUBLE_BUFFERED)
+
+
 def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
     """fastvec's median over each other backend's median, per (workload, num_envs)."""
     by_case: dict[tuple[str, int], dict[str, Result]] = {}
@@ -146,14 +185,16 @@ def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
         by_case.setdefault((r.workload, r.num_envs), {})[r.backend] = r
     out = []
     for (workload, num_envs), rows in by_case.items():
-        fast = rows.get("fastvec")
-        if fast is None or fast.median is None:
-            continue
-        for other in ("gym-async", "gym-sync", CEILING):
-            base = rows.get(other)
-            if base is not None and base.median:
-                out.append({"workload": workload, "num_envs": num_envs,
-                            "ratio": f"fastvec/{other}", "value": fast.median / base.median})
+        for name in _FASTVEC_ROWS:
+            fast = rows.get(name)
+            if fast is None or fast.median is None:
+                continue
+            for other in ("gym-async", "gym-sync", CEILING, BOUND):
+                base = rows.get(other)
+                if base is not None and base.median:
+                    out.append({"workload": workload, "num_envs": num_envs,
+                                "ratio": f"{name}/{other}",
+                                "value": fast.median / base.median})
     return out
 
 
@@ -162,14 +203,15 @@ def _fmt_int(x: float) -> str:
 
 
 def format_table(results: Sequence[Result]) -> str:
+    """The results as a text table, one block per (workload, num_envs)."""
     index = {(q["workload"], q["num_envs"], q["ratio"]): q["value"] for q in ratios(results)}
+    medians = {(r.workload, r.num_envs, r.backend): r.median for r in results}
     headers = ["workload", "envs", "backend", "procs", "env-steps/s", "spread",
-               "vs gym-async", "vs gym-sync", "vs ceiling"]
-    right = {"envs", "procs", "env-steps/s", "spread", "vs gym-async", "vs gym-sync",
-             "vs ceiling"}
-    show_ceiling = any(r.backend == CEILING for r in results)
-    if not show_ceiling:
-        headers.remove("vs ceiling")
+               "vs gym-async", "vs gym-sync", "of ceiling", "of bound"]
+    right = set(headers) - {"workload", "backend"}
+    limits = [limit for limit in (CEILING, BOUND) if any(r.backend == limit for r in results)]
+    for limit in {CEILING, BOUND} - set(limits):
+        headers.remove(f"of {limit}")
     rows: list[list[str]] = []
     for r in results:
         med = r.median
@@ -180,13 +222,15 @@ def format_table(results: Sequence[Result]) -> str:
             spread = (f"±{(max(r.rates) - min(r.rates)) / 2 / med:.0%}"
                       if len(r.rates) > 1 else "")
         row = [r.workload, str(r.num_envs), r.backend, str(r.processes or "-"), rate, spread]
-        cells = []
-        for other in ("gym-async", "gym-sync", CEILING):
-            if other == CEILING and not show_ceiling:
-                continue
-            value = index.get((r.workload, r.num_envs, f"fastvec/{other}"))
-            cells.append(f"{value:.2f}x" if r.backend == "fastvec" and value else "")
-        rows.append(row + cells)
+        for other in ("gym-async", "gym-sync"):
+            value = index.get((r.workload, r.num_envs, f"{r.backend}/{other}"))
+            row.append(f"{value:.2f}x" if value else "")
+        for limit in limits:
+            # every timed row's fraction of the case's ceiling or bound, when it has one
+            top = medians.get((r.workload, r.num_envs, limit))
+            row.append(f"{med / top:.2f}" if med and top and r.backend not in (CEILING, BOUND)
+                       else "")
+        rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
 
@@ -205,6 +249,44 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(out)
 
 
+def format_header(contention: dict[str, Any]) -> str | None:
+    """The line above the table saying what else ran on the machine, or None when nothing."""
+    started, ran = contention["processes"], contention["ran"]
+    if not started:
+        return None
+    s = "" if started == 1 else "es"
+    # counted when they were stopped: one that exited early did not run throughout
+    early = "" if ran == started else f" ({started - ran} of them exited early)"
+    return (f"contention: {started} busy-looping process{s} (pure-Python `while True: "
+            f"pass`, unpinned) ran beside every timed run{early}; calibration ran before them")
+
+
+def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
+    """The lines under the table that explain how its workloads were sized."""
+    notes = []
+    if "compute_rounds_per_step" in extra:
+        notes.append(f"compute: {extra['compute_rounds_per_step']} rounds of work per step, "
+                     f"calibrated to ~{extra['compute_target_step_us']:.0f} us on this machine")
+    if "jitter_rounds_per_step" in extra:
+        (low, high), (low_us, high_us) = extra["jitter_rounds_per_step"], extra["jitter_step_us"]
+        notes.append(f"jitter: {low:.1f}-{high:.1f} rounds of work per step (~{low_us:.0f}-"
+                     f"{high_us:.0f} us), uniform per step from each env's seeded rng")
+    for num_envs, p in extra.get("policy", {}).items():
+        notes.append(
+            f"policy x{num_envs}: {p['policy']}, {p['policy_seconds'] * 1e3:.2f} ms per batch "
+            f"vs {p['env_batch_seconds'] * 1e3:.2f} ms to step it on one core (ratio "
+            f"{p['policy_seconds'] / p['env_batch_seconds']:.2f}); BLAS in the parent: "
+            f"{p['blas']}; its CPU/wall {p['cpu_per_wall']:.2f} (above 1: several threads)")
+        notes.append(
+            f"policy x{num_envs}: bound = {num_envs} envs x {p['cores']} cores / (policy + "
+            f"env) = {_fmt_int(p['bound'])} env-steps/s; no vectoriser beats it on "
+            f"{p['cores']} cores")
+    if any(r.backend == DOUBLE_BUFFERED for r in results):
+        notes.append(f"{DOUBLE_BUFFERED}: fastvec double-buffered, batch_size = num_envs // 2, "
+                     "the policy computing one half while the other steps")
+    return notes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot and matplotlib_missing():
@@ -221,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds,
         repeats=args.repeats,
         warmup=max(0.0, args.warmup),
+        contention=args.contention,
     )
     machine = machine_info()
     started = time.perf_counter()
@@ -231,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     wall = time.perf_counter() - started
 
+    header = format_header(extra["contention"])
+    if header is not None:
+        print(header)
+        print()
     print(format_table(results))
     print()
     print(f"median of {config.repeats} x {config.seconds:g} s per backend; spread = half the "
@@ -238,9 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{machine['cpu_model']}, {machine['usable_cores']} usable cores; "
           f"python {machine['python'].split()[-1]}, numpy {machine['numpy']}, gymnasium "
           f"{machine['gymnasium']}, fastvec {machine['fastvec']}; wall time {wall:.1f} s")
-    if "compute_rounds_per_step" in extra:
-        print(f"compute: {extra['compute_rounds_per_step']} rounds of work per step, calibrated "
-              f"to ~{extra['compute_target_step_us']:.0f} us on this machine")
+    for note in format_notes(results, extra):
+        print(note)
     for name, reason in extra.get("skipped", {}).items():
         print(f"{name}: skipped, {reason}")
     failed = [r for r in results if r.error]
@@ -258,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "seconds": config.seconds,
                 "repeats": config.repeats,
                 "warmup": config.warmup,
+                "contention": config.contention,
                 "action_batches": ACTION_BATCHES,
             },
             **extra,

@@ -10,7 +10,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from fastvec.bench.runner import BACKENDS, CEILING, Result
+from fastvec.bench.runner import BACKENDS, BOUND, CEILING, DOUBLE_BUFFERED, Result
 
 __all__ = ["MISSING_MATPLOTLIB", "matplotlib_missing", "plot_results"]
 
@@ -22,7 +22,9 @@ _STYLE = {
     "fastvec": {"color": "tab:blue", "marker": "o"},
     "gym-async": {"color": "tab:orange", "marker": "s"},
     "gym-sync": {"color": "tab:green", "marker": "^"},
+    DOUBLE_BUFFERED: {"color": "tab:purple", "marker": "D"},
     CEILING: {"color": "tab:gray", "marker": "x", "linestyle": "--"},
+    BOUND: {"color": "black", "marker": "+", "linestyle": ":"},
 }
 
 
@@ -52,7 +54,7 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike[str],
     rows = -(-len(workloads) // columns)
     fig = Figure(figsize=(max(6.4, 4.6 * columns), 3.6 * rows + 0.8), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
-    order = [*BACKENDS, CEILING]
+    order = [*BACKENDS, DOUBLE_BUFFERED, CEILING, BOUND]
     for index, workload in enumerate(workloads):
         ax = axes[index // columns][index % columns]
         mine = [r for r in results if r.workload == workload and r.rates]

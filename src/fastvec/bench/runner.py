@@ -18,19 +18,35 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
 
+from fastvec.bench.contention import BusyProcesses
+from fastvec.bench.policy import (
+    LOOP_MODES,
+    PolicySetup,
+    calibrate_policy,
+    partial_batches_available,
+    single_blas_thread,
+)
 from fastvec.bench.workloads import (
     COMPUTE_STEP_SECONDS,
+    JITTER_STEP_SECONDS,
     WORKLOADS,
     Workload,
     calibrate_compute,
+    jitter_rounds,
 )
 
 __all__ = [
     "BACKENDS",
+    "BOUND",
     "CEILING",
+    "DOUBLE_BUFFERED",
     "BenchConfig",
+    "Contender",
+    "Prepared",
     "Result",
+    "contenders",
     "machine_info",
+    "prepare",
     "Progress",
     "run",
     "skipped_workloads",
@@ -39,6 +55,10 @@ __all__ = [
 
 BACKENDS = ("fastvec", "gym-async", "gym-sync")
 CEILING = "ceiling"
+#: The policy workload's computed row: (policy + env) / cores per batch, no vectoriser faster.
+BOUND = "bound"
+#: fastvec in the double-buffered loop (partial batches of num_envs // 2).
+DOUBLE_BUFFERED = "fastvec-db"
 #: Action batches sampled up front and cycled through, so sampling is never timed.
 ACTION_BATCHES = 64
 
@@ -59,6 +79,7 @@ class BenchConfig:
     seconds: float = 2.0
     repeats: int = 3
     warmup: float = 0.3
+    contention: int = 0  # busy-looping processes running beside the timed runs
 
 
 @dataclass
@@ -88,13 +109,19 @@ class Result:
 # -- backends --------------------------------------------------------------------------------
 
 def make_backend(backend: str, env_fn: Callable[[], gym.Env], num_envs: int,
-                 num_workers: int | None) -> gym.vector.VectorEnv:
+                 num_workers: int | None,
+                 batch_size: int | None = None) -> gym.vector.VectorEnv:
+    """A vector env of ``backend``; ``batch_size`` (fastvec only) asks for partial batches."""
     fns = [env_fn] * num_envs
     if backend == "fastvec":
         import fastvec
 
         if num_workers is not None:
             num_workers = min(num_workers, num_envs)
+        if batch_size is not None:
+            # the partial-batch API is newer than this fastvec's type information
+            partial: dict[str, Any] = {"batch_size": batch_size}
+            return fastvec.AsyncVectorEnv(fns, num_workers=num_workers, **partial)
         return fastvec.AsyncVectorEnv(fns, num_workers=num_workers)
     if backend == "gym-async":
         return gym.vector.AsyncVectorEnv(fns)
@@ -157,7 +184,7 @@ def _ceiling_child(index: int, env_fn: Callable[[], gym.Env], seconds: float, wa
         actions = [env.action_space.sample() for _ in range(ACTION_BATCHES)]
         env.reset(seed=index)
 
-        def on_done(result: tuple) -> None:
+        def on_done(result: tuple[Any, ...]) -> None:
             if result[2] or result[3]:
                 env.reset()
 
@@ -318,115 +345,195 @@ def _cases(config: BenchConfig, skip: Sequence[str] = ()) -> list[tuple[Workload
     return cases
 
 
+@dataclass(frozen=True)
+class Contender:
+    """One timed row of a case: a backend, stepped with pre-sampled actions or in a loop mode."""
+
+    label: str  # the row's name in the table
+    backend: str  # one of BACKENDS
+    mode: str | None = None  # a LOOP_MODES name (policy workloads); None: pre-sampled actions
+    batch_size: int | None = None  # fastvec's partial batches; None: whole batches
+
+
+def contenders(workload: Workload, num_envs: int, backends: Sequence[str]) -> list[Contender]:
+    """The rows a case times: each backend, plus fastvec double-buffered where it can be."""
+    if not workload.policy:
+        return [Contender(b, b) for b in backends]
+    rows = [Contender(b, b, "sync") for b in backends]
+    if "fastvec" in backends and num_envs >= 2 and partial_batches_available():
+        rows.append(Contender(DOUBLE_BUFFERED, "fastvec", "double-buffered", num_envs // 2))
+    return rows
+
+
+@dataclass
+class Prepared:
+    """What a case needs before any backend starts, measured on a machine still quiet."""
+
+    env_fn: Callable[[], gym.Env]
+    policy: PolicySetup | None = None
+
+
+def prepare(workload: Workload, num_envs: int, extra: dict[str, Any]) -> Prepared:
+    """Calibrates a case (its env's work, its policy) and records the numbers in ``extra``."""
+    env_fn = workload.factory()
+    if workload.name == "compute":
+        extra["compute_rounds_per_step"] = calibrate_compute()
+        extra["compute_target_step_us"] = COMPUTE_STEP_SECONDS * 1e6
+    if workload.name == "jitter":
+        extra["jitter_rounds_per_step"] = list(jitter_rounds())
+        extra["jitter_step_us"] = [s * 1e6 for s in JITTER_STEP_SECONDS]
+    if not workload.policy:
+        return Prepared(env_fn)
+    with single_blas_thread() as blas:
+        setup = calibrate_policy(env_fn, num_envs, blas)
+    extra.setdefault("policy", {})[str(num_envs)] = {
+        **setup.to_json(), "cores": usable_cores(), "bound": setup.bound(usable_cores())}
+    return Prepared(env_fn, setup)
+
+
 def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[str, Any]]:
     """Runs every (workload, num_envs) case; returns the results and extra facts for the JSON.
 
     A workload whose optional packages are missing is not run: ``extra["skipped"]`` maps its
-    name to the reason.
+    name to the reason. Every case is calibrated first; then ``config.contention`` busy
+    processes start and run beside every timed run until the last case is done.
     """
     backends = [b for b in BACKENDS if b in config.backends]
     want_ceiling = CEILING in config.backends
     skipped = skipped_workloads(config.workloads)
     cases = _cases(config, skip=tuple(skipped))
-    total = sum(config.repeats * (len(backends) + (want_ceiling and w.ceiling))
-                for w, _ in cases)
+    total = sum(config.repeats * (len(contenders(w, n, backends)) + (want_ceiling and w.ceiling))
+                for w, n in cases)
     bar = Progress(total, config.seconds + config.warmup, progress)
     results: list[Result] = []
     extra: dict[str, Any] = {"skipped": skipped}
     for name, reason in skipped.items():
         bar.note(f"{name}: skipped, {reason}")
     try:
+        prepared = []
         for workload, num_envs in cases:
-            results.extend(_run_case(workload, num_envs, backends,
-                                     want_ceiling and workload.ceiling, config, bar, extra))
+            bar.show(f"{workload.name} x{num_envs}: calibrating")
+            prepared.append(prepare(workload, num_envs, extra))
+        with BusyProcesses(config.contention) as busy:
+            extra["contention"] = {"processes": config.contention, "pids": busy.pids}
+            for (workload, num_envs), prep in zip(cases, prepared):
+                results.extend(_run_case(workload, num_envs, prep,
+                                         contenders(workload, num_envs, backends),
+                                         want_ceiling and workload.ceiling, config, bar))
+        extra["contention"]["ran"] = busy.ran
     finally:
         bar.close()
     return results, extra
 
 
-def _run_case(workload: Workload, num_envs: int, backends: list[str], ceiling: bool,
-              config: BenchConfig, bar: Progress, extra: dict[str, Any]) -> list[Result]:
-    label = f"{workload.name} x{num_envs}"
-    if workload.name == "compute":
-        bar.show(f"{label}: calibrating")
-        iters = calibrate_compute()
-        extra["compute_rounds_per_step"] = iters
-        extra["compute_target_step_us"] = COMPUTE_STEP_SECONDS * 1e6
-    env_fn = workload.factory()
-    results = {b: Result(workload.name, num_envs, b) for b in backends}
+def _start(rows: Sequence[Contender], env_fn: Callable[[], gym.Env], num_envs: int,
+           config: BenchConfig, bar: Progress, label: str,
+           results: dict[str, Result]) -> dict[str, gym.vector.VectorEnv]:
+    """Starts (and, unless its loop resets itself, resets) every row's vector env."""
     envs: dict[str, gym.vector.VectorEnv] = {}
-    try:
-        action_space = None
-        for b in backends:
-            bar.show(f"{label}: starting {b}")
-            start = time.perf_counter()
-            try:
-                env = make_backend(b, env_fn, num_envs,
-                                   config.num_workers if b == "fastvec" else None)
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                results[b].error = f"{type(exc).__name__}: {exc}"
-                continue
-            envs[b] = env
+    for row in rows:
+        bar.show(f"{label}: starting {row.label}")
+        start = time.perf_counter()
+        try:
+            env = make_backend(row.backend, env_fn, num_envs,
+                               config.num_workers if row.backend == "fastvec" else None,
+                               batch_size=row.batch_size)
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            results[row.label].error = f"{type(exc).__name__}: {exc}"
+            continue
+        envs[row.label] = env
+        if row.mode is None:
             try:
                 env.reset(seed=0)
             except Exception as exc:  # noqa: BLE001
-                results[b].error = f"{type(exc).__name__}: {exc}"
-                envs.pop(b).close()
+                results[row.label].error = f"{type(exc).__name__}: {exc}"
+                envs.pop(row.label).close()
                 continue
-            results[b].setup_seconds = time.perf_counter() - start
-            results[b].processes = _processes(b, env)
-            if action_space is None:
-                action_space = batch_space(env.single_action_space, num_envs)
+        results[row.label].setup_seconds = time.perf_counter() - start
+        results[row.label].processes = _processes(row.backend, env)
+    return envs
+
+
+def _time_row(row: Contender, env: gym.vector.VectorEnv, actions: Sequence[Any],
+              prepared: Prepared, config: BenchConfig) -> tuple[int, float]:
+    """(env-steps, elapsed seconds) of one timed run of ``row``."""
+    if row.mode is None:
+        return time_vector_env(env, actions, config.seconds, config.warmup)
+    if prepared.policy is None:
+        raise ValueError(f"{row.label}: loop mode {row.mode!r} without a calibrated policy")
+    with single_blas_thread():
+        return LOOP_MODES[row.mode](env, prepared.policy.policy, config.seconds,
+                                    config.warmup)
+
+
+def _run_case(workload: Workload, num_envs: int, prepared: Prepared, rows: list[Contender],
+              ceiling: bool, config: BenchConfig, bar: Progress) -> list[Result]:
+    label = f"{workload.name} x{num_envs}"
+    results = {row.label: Result(workload.name, num_envs, row.label) for row in rows}
+    envs: dict[str, gym.vector.VectorEnv] = {}
+    try:
+        envs = _start(rows, prepared.env_fn, num_envs, config, bar, label, results)
         actions: list[Any] = []
-        if action_space is not None:
+        if envs:
+            first = next(iter(envs.values()))
+            action_space = batch_space(first.single_action_space, num_envs)
             action_space.seed(0)
             actions = [action_space.sample() for _ in range(ACTION_BATCHES)]
         ceiling_result = Result(workload.name, num_envs, CEILING, processes=usable_cores())
         for rep in range(config.repeats):
-            for b in backends:
-                running = envs.get(b)
+            where = f"{label} rep {rep + 1}/{config.repeats}"
+            for row in rows:
+                running = envs.get(row.label)
                 if running is None:
-                    bar.step(f"{label} rep {rep + 1}/{config.repeats} {b}: skipped")
+                    bar.step(f"{where} {row.label}: skipped")
                     continue
-                bar.show(f"{label} rep {rep + 1}/{config.repeats} {b} ...")
+                bar.show(f"{where} {row.label} ...")
                 try:
-                    steps, elapsed = time_vector_env(running, actions, config.seconds,
-                                                     config.warmup)
+                    steps, elapsed = _time_row(row, running, actions, prepared, config)
                 except Exception as exc:  # noqa: BLE001
-                    results[b].error = f"{type(exc).__name__}: {exc}"
-                    envs.pop(b).close()
-                    bar.step(f"{label} rep {rep + 1}/{config.repeats} {b}: failed")
+                    results[row.label].error = f"{type(exc).__name__}: {exc}"
+                    envs.pop(row.label).close()
+                    bar.step(f"{where} {row.label}: failed")
                     continue
-                r = results[b]
+                r = results[row.label]
                 r.steps.append(steps)
                 r.seconds.append(elapsed)
                 r.rates.append(steps / elapsed)
-                bar.step(f"{label} rep {rep + 1}/{config.repeats} {b}: "
-                         f"{_fmt_rate(r.rates[-1])} steps/s")
-            if ceiling and ceiling_result.error is None:
-                bar.show(f"{label} rep {rep + 1}/{config.repeats} ceiling ...")
-                try:
-                    steps, elapsed, rate = measure_ceiling(env_fn, config.seconds,
-                                                           config.warmup, usable_cores())
-                except Exception as exc:  # noqa: BLE001
-                    ceiling_result.error = f"{type(exc).__name__}: {exc}"
-                    bar.step(f"{label} rep {rep + 1}/{config.repeats} ceiling: failed")
-                else:
-                    ceiling_result.steps.append(steps)
-                    ceiling_result.seconds.append(elapsed)
-                    ceiling_result.rates.append(rate)
-                    bar.step(f"{label} rep {rep + 1}/{config.repeats} ceiling: "
-                             f"{_fmt_rate(rate)} steps/s")
-            elif ceiling:
-                bar.step(f"{label} rep {rep + 1}/{config.repeats} ceiling: skipped")
+                bar.step(f"{where} {row.label}: {_fmt_rate(r.rates[-1])} steps/s")
+            if ceiling:
+                _ceiling_repeat(ceiling_result, prepared.env_fn, config, bar, where)
     finally:
-        for b in list(envs):
-            bar.show(f"{label}: closing {b}")
-            envs.pop(b).close()
-    out = [results[b] for b in backends]
+        for name in list(envs):
+            bar.show(f"{label}: closing {name}")
+            envs.pop(name).close()
+    out = [results[row.label] for row in rows]
     if ceiling:
         out.append(ceiling_result)
+    if prepared.policy is not None:
+        # computed, not timed: the work bound of the calibration's numbers on these cores
+        out.append(Result(workload.name, num_envs, BOUND, processes=usable_cores(),
+                          rates=[prepared.policy.bound(usable_cores())]))
     return out
+
+
+def _ceiling_repeat(result: Result, env_fn: Callable[[], gym.Env], config: BenchConfig,
+                    bar: Progress, where: str) -> None:
+    """One repeat of the free-running ceiling, added to ``result`` (skipped once it failed)."""
+    if result.error is not None:
+        bar.step(f"{where} ceiling: skipped")
+        return
+    bar.show(f"{where} ceiling ...")
+    try:
+        steps, elapsed, rate = measure_ceiling(env_fn, config.seconds, config.warmup,
+                                               usable_cores())
+    except Exception as exc:  # noqa: BLE001
+        result.error = f"{type(exc).__name__}: {exc}"
+        bar.step(f"{where} ceiling: failed")
+    else:
+        result.steps.append(steps)
+        result.seconds.append(elapsed)
+        result.rates.append(rate)
+        bar.step(f"{where} ceiling: {_fmt_rate(rate)} steps/s")
 
 
 # -- machine ---------------------------------------------------------------------------------

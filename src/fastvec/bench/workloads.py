@@ -19,18 +19,23 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
 __all__ = [
     "ATARI_ENV_ID",
     "DEFAULT_WORKLOADS",
     "WORKLOADS",
+    "CartPoleComputeEnv",
     "ComputeEnv",
     "DictEnv",
     "ImageEnv",
+    "JitterEnv",
     "Workload",
     "WorkloadUnavailable",
     "atari_missing",
     "calibrate_compute",
+    "calibrate_round_seconds",
+    "jitter_rounds",
     "make_atari_env",
 ]
 
@@ -52,12 +57,13 @@ class _FixedObsEnv(gym.Env):
     def _make_obs(self) -> Any:
         raise NotImplementedError
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         super().reset(seed=seed)
         self._t = 0
         return self._obs, {}
 
-    def step(self, action):
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         self._t += 1
         return self._obs, 0.0, False, self._t >= EPISODE_STEPS, {}
 
@@ -97,7 +103,7 @@ class DictEnv(_FixedObsEnv):
 #: Target cost of one ComputeEnv step, in seconds.
 COMPUTE_STEP_SECONDS = 300e-6
 _SIZE = 64
-_calibrated: int | None = None
+_round_seconds: float | None = None
 
 
 def _compute_matrix() -> np.ndarray:
@@ -119,17 +125,15 @@ def _work(state: np.ndarray, scratch: np.ndarray, matrix: np.ndarray, iters: int
         np.add(state, scratch, out=state)
 
 
-def calibrate_compute(target: float = COMPUTE_STEP_SECONDS) -> int:
-    """Rounds of work per step so that one ComputeEnv step costs about ``target`` seconds.
+def calibrate_round_seconds() -> float:
+    """Seconds one round of :func:`_work` takes on this machine now.
 
     Measured once per process (the median of several short trials, so the work matches
-    what this machine delivers now, neighbours included) and cached. The benchmark
-    calibrates in the parent and passes the result to every env, so all processes do
-    exactly the same work.
+    what this machine delivers now, neighbours included) and cached.
     """
-    global _calibrated
-    if _calibrated is not None and target == COMPUTE_STEP_SECONDS:
-        return _calibrated
+    global _round_seconds
+    if _round_seconds is not None:
+        return _round_seconds
     state = np.full((_SIZE, _SIZE), 0.1)
     scratch = np.empty_like(state)
     matrix = _compute_matrix()
@@ -140,11 +144,17 @@ def calibrate_compute(target: float = COMPUTE_STEP_SECONDS) -> int:
         start = time.perf_counter()
         _work(state, scratch, matrix, probe)
         trials.append(time.perf_counter() - start)
-    per_round = statistics.median(trials) / probe
-    iters = max(1, round(target / per_round))
-    if target == COMPUTE_STEP_SECONDS:
-        _calibrated = iters
-    return iters
+    _round_seconds = statistics.median(trials) / probe
+    return _round_seconds
+
+
+def calibrate_compute(target: float = COMPUTE_STEP_SECONDS) -> int:
+    """Rounds of work per step so that one ComputeEnv step costs about ``target`` seconds.
+
+    The benchmark calibrates in the parent and passes the result to every env, so all
+    processes do exactly the same work.
+    """
+    return max(1, round(target / calibrate_round_seconds()))
 
 
 class ComputeEnv(gym.Env):
@@ -166,18 +176,83 @@ class ComputeEnv(gym.Env):
         np.copyto(self._obs, self._state.reshape(-1)[:8], casting="same_kind")
         return self._obs
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self._state.fill(0.1)
         self._t = 0
         return self._observe(), {}
 
-    def step(self, action):
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         self._state[0, 0] += 1e-3 * int(action)
         _work(self._state, self._scratch, self._matrix, self.iters)
         self._t += 1
         reward = float(self._state[0, 1])
         return self._observe(), reward, False, self._t >= EPISODE_STEPS, {}
+
+
+# -- jitter ----------------------------------------------------------------------------------
+
+#: The range, in seconds, of one JitterEnv step's work; each step draws uniformly from it.
+JITTER_STEP_SECONDS = (100e-6, 500e-6)
+
+
+def jitter_rounds() -> tuple[float, float]:
+    """(fewest, most) rounds of work per JitterEnv step, calibrated like ``compute``.
+
+    Fractional: one round is ~40 µs on a typical core, too coarse a unit for 100 µs.
+    """
+    low, high = JITTER_STEP_SECONDS
+    per_round = calibrate_round_seconds()
+    return low / per_round, high / per_round
+
+
+class JitterEnv(ComputeEnv):
+    """ComputeEnv whose work varies per step: ~100-500 µs, uniform, from the env's own rng.
+
+    The draw comes from ``self.np_random``, so ``reset(seed=...)`` makes the sequence of step
+    costs reproducible; a synchronous step waits for its slowest env, which is what this
+    workload exposes. ``rounds`` is the last step's draw.
+    """
+
+    def __init__(self, low_rounds: float | None = None,
+                 high_rounds: float | None = None) -> None:
+        low, high = jitter_rounds()
+        self.rounds_range = (low if low_rounds is None else float(low_rounds),
+                             high if high_rounds is None else float(high_rounds))
+        super().__init__(iters=0)
+        self.rounds = 0.0
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self.rounds = float(self.np_random.uniform(*self.rounds_range))
+        self.iters = int(self.rounds)
+        # the fraction of a round, as one round over that fraction of the rows
+        rows = round((self.rounds - self.iters) * _SIZE)
+        if rows:
+            _work(self._state[:rows], self._scratch[:rows], self._matrix[:rows], 1)
+        return super().step(action)
+
+
+# -- policy ----------------------------------------------------------------------------------
+
+class CartPoleComputeEnv(CartPoleEnv):
+    """CartPole's dynamics plus ~300 µs of numpy work per step (as ``compute``).
+
+    Episodes end when the pole falls, so a policy's actions matter and autoreset is exercised.
+    """
+
+    def __init__(self, iters: int | None = None) -> None:
+        super().__init__()
+        self.iters = calibrate_compute() if iters is None else int(iters)
+        self._matrix = _compute_matrix()
+        self._state = np.full((_SIZE, _SIZE), 0.1)
+        self._scratch = np.empty_like(self._state)
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        _work(self._state, self._scratch, self._matrix, self.iters)
+        step = super().step  # gymnasium's CartPoleEnv.step is not annotated
+        obs, reward, terminated, truncated, info = step(action)  # type: ignore[no-untyped-call]
+        return obs, float(reward), bool(terminated), bool(truncated), info
 
 
 # -- atari -----------------------------------------------------------------------------------
@@ -248,10 +323,22 @@ class Workload:
     ceiling: bool = False
     #: Why the workload cannot run on this machine (missing packages), or None.
     unavailable: Callable[[], str | None] = lambda: None
+    #: The parent computes every batch's actions with a calibrated MLP (fastvec.bench.policy)
+    #: instead of cycling through pre-sampled actions.
+    policy: bool = False
 
 
 def _compute_factory() -> Callable[[], gym.Env]:
     return functools.partial(ComputeEnv, iters=calibrate_compute())
+
+
+def _jitter_factory() -> Callable[[], gym.Env]:
+    low, high = jitter_rounds()
+    return functools.partial(JitterEnv, low_rounds=low, high_rounds=high)
+
+
+def _policy_factory() -> Callable[[], gym.Env]:
+    return functools.partial(CartPoleComputeEnv, iters=calibrate_compute())
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -265,11 +352,17 @@ WORKLOADS: dict[str, Workload] = {
                  lambda: DictEnv),
         Workload("compute", 8, "~300 us of numpy work per step, Box(8,) float32",
                  _compute_factory, ceiling=True),
+        Workload("jitter", 8, "~100-500 us of numpy work per step, uniform per step from the "
+                 "env's seeded rng, Box(8,) float32", _jitter_factory, ceiling=True),
+        Workload("policy", 16, "the parent picks actions with a numpy MLP as costly as one "
+                 "core stepping the batch; CartPole + ~300 us numpy work per step",
+                 _policy_factory, policy=True),
         Workload("atari", 8, f"{ATARI_ENV_ID} + AtariPreprocessing + FrameStackObservation(4): "
                  "(4,84,84) uint8, Discrete(6); needs fastvec[atari]",
                  _atari_factory, unavailable=atari_missing),
     )
 }
 
-#: What a bare ``python -m fastvec.bench`` runs.
-DEFAULT_WORKLOADS: tuple[str, ...] = tuple(WORKLOADS)
+#: What a bare ``python -m fastvec.bench`` runs; jitter and policy only on request, as each
+#: would add about half a minute to the default run.
+DEFAULT_WORKLOADS: tuple[str, ...] = ("image", "cartpole", "dict", "compute", "atari")
