@@ -61,6 +61,7 @@ cdef class Node:
 
     cdef int gather_row(self, Segment segment, object value, Py_ssize_t env, ItemList *items) except -1
     cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n, ItemList *items) except -1
+    cdef int gather_children(self, Segment segment, object value, Py_ssize_t at, ItemList *items, bint batch) except -1
     cdef object read_row(self, Py_ssize_t env, bint copy)
     cdef object read_batch(self, bint copy)
     cdef str decode_text(self, Py_ssize_t env)

@@ -55,8 +55,10 @@ cdef class Segment:
             PyBuffer_Release(&self.buffer)
 
 
-cdef int items_push(ItemList *items) except -1:
+cdef Item *items_push(ItemList *items, char *dst, Py_ssize_t nbytes) except NULL:
+    """A new zeroed item that copies ``nbytes`` to ``dst``."""
     cdef Item *grown
+    cdef Item *item
     cdef Py_ssize_t capacity
     if items.count == items.capacity:
         capacity = 16 if items.capacity == 0 else items.capacity * 2
@@ -65,9 +67,12 @@ cdef int items_push(ItemList *items) except -1:
             raise MemoryError()
         items.items = grown
         items.capacity = capacity
-    memset(&items.items[items.count], 0, sizeof(Item))
+    item = &items.items[items.count]
+    memset(item, 0, sizeof(Item))
     items.count += 1
-    return 0
+    item.dst = dst
+    item.nbytes = nbytes
+    return item
 
 
 cdef void items_free(ItemList *items) noexcept:
@@ -191,10 +196,7 @@ cdef class Node:
         cdef int64_t number
         cdef object code
         if self.kind == KIND_ARRAY:
-            items_push(items)
-            item = &items.items[items.count - 1]
-            item.dst = segment.base + self.offset + env * self.stride
-            item.nbytes = self.stride
+            item = items_push(items, segment.base + self.offset + env * self.stride, self.stride)
             return gather_buffer(value, item, self.format, -1, self.cshape, self.ndim, self.stride)
         if self.kind == KIND_DISCRETE:
             try:
@@ -203,42 +205,19 @@ cdef class Node:
                 return 0
             if number < self.low or number > self.high:
                 return 0
-            items_push(items)
-            item = &items.items[items.count - 1]
-            item.dst = segment.base + self.offset + env * self.stride
-            item.nbytes = self.stride
+            item = items_push(items, segment.base + self.offset + env * self.stride, self.stride)
             item.is_scalar = 1
             store_integer(item, number)
             return 1
-        if self.kind == KIND_TUPLE:
-            if not isinstance(value, tuple) or len(<tuple> value) != len(self.children):
-                return 0
-            for i in range(len(self.children)):
-                child = <Node> self.children[i]
-                if not child.gather_row(segment, (<tuple> value)[i], env, items):
-                    return 0
-            return 1
-        if self.kind == KIND_DICT:
-            if not PyDict_CheckExact(value) or PyDict_Size(value) != len(self.keys):
-                return 0
-            for i in range(len(self.keys)):
-                entry = PyDict_GetItem(value, self.keys[i])
-                if entry == NULL:
-                    return 0
-                child = <Node> self.children[i]
-                if not child.gather_row(segment, <object> entry, env, items):
-                    return 0
-            return 1
+        if self.kind == KIND_TUPLE or self.kind == KIND_DICT:
+            return self.gather_children(segment, value, env, items, False)
         if self.kind == KIND_TEXT:
             if not PyUnicode_CheckExact(value):
                 return 0
             length = PyUnicode_GET_LENGTH(value)
             if length < self.min_length or length > self.max_length:
                 return 0
-            items_push(items)
-            item = &items.items[items.count - 1]
-            item.dst = segment.base + self.offset + env * self.stride
-            item.nbytes = self.stride
+            item = items_push(items, segment.base + self.offset + env * self.stride, self.stride)
             item.codes = <int32_t *> malloc(self.stride)
             if item.codes == NULL:
                 raise MemoryError()
@@ -259,10 +238,7 @@ cdef class Node:
                 return 0
             if number < 0 or number >= len(self.children):
                 return 0
-            items_push(items)
-            item = &items.items[items.count - 1]
-            item.dst = segment.base + self.offset + env * self.stride
-            item.nbytes = sizeof(int64_t)
+            item = items_push(items, segment.base + self.offset + env * self.stride, sizeof(int64_t))
             item.is_scalar = 1
             item.scalar = number
             child = <Node> self.children[number]
@@ -275,35 +251,44 @@ cdef class Node:
         cdef Py_ssize_t i
         cdef PyObject *entry
         if self.kind == KIND_ARRAY or self.kind == KIND_DISCRETE:
-            items_push(items)
-            item = &items.items[items.count - 1]
-            item.dst = segment.base + self.offset
-            item.nbytes = n * self.stride
+            item = items_push(items, segment.base + self.offset, n * self.stride)
             return gather_buffer(value, item, self.format, n, self.cshape, self.ndim, n * self.stride)
-        if self.kind == KIND_TUPLE:
-            if not isinstance(value, tuple) or len(<tuple> value) != len(self.children):
-                return 0
-            for i in range(len(self.children)):
-                child = <Node> self.children[i]
-                if not child.gather_batch(segment, (<tuple> value)[i], n, items):
-                    return 0
-            return 1
-        if self.kind == KIND_DICT:
-            if not PyDict_CheckExact(value) or PyDict_Size(value) != len(self.keys):
-                return 0
-            for i in range(len(self.keys)):
-                entry = PyDict_GetItem(value, self.keys[i])
-                if entry == NULL:
-                    return 0
-                child = <Node> self.children[i]
-                if not child.gather_batch(segment, <object> entry, n, items):
-                    return 0
-            return 1
+        if self.kind == KIND_TUPLE or self.kind == KIND_DICT:
+            return self.gather_children(segment, value, n, items, True)
         # Text and OneOf batch as a tuple of per-env samples, as gymnasium's batch_space does.
         if not isinstance(value, tuple) or len(<tuple> value) != n:
             return 0
         for i in range(n):
             if not self.gather_row(segment, (<tuple> value)[i], i, items):
+                return 0
+        return 1
+
+    cdef int gather_children(self, Segment segment, object value, Py_ssize_t at,
+                             ItemList *items, bint batch) except -1:
+        """A Tuple or Dict node: gather each child's part, as a row of env ``at`` or as a
+        batch of ``at`` envs; 0 if ``value`` is not exactly a tuple or dict of its children."""
+        cdef Node child
+        cdef Py_ssize_t i
+        cdef PyObject *entry
+        cdef object part
+        cdef int ok
+        if self.kind == KIND_TUPLE:
+            if not isinstance(value, tuple) or len(<tuple> value) != len(self.children):
+                return 0
+        elif not PyDict_CheckExact(value) or PyDict_Size(value) != len(self.keys):
+            return 0
+        for i in range(len(self.children)):
+            if self.kind == KIND_TUPLE:
+                part = (<tuple> value)[i]
+            else:
+                entry = PyDict_GetItem(value, self.keys[i])
+                if entry == NULL:
+                    return 0
+                part = <object> entry
+            child = <Node> self.children[i]
+            ok = (child.gather_batch(segment, part, at, items) if batch
+                  else child.gather_row(segment, part, at, items))
+            if not ok:
                 return 0
         return 1
 
@@ -355,36 +340,32 @@ cdef class Node:
         return tuple([self.read_row(i, copy) for i in range(n)])
 
 
-def write_row(Segment segment, Node node, object value, Py_ssize_t env):
-    """Copy one env's sample into its row; ``False`` (nothing written) if it needs converting."""
+cdef bint write(Segment segment, Node node, object value, Py_ssize_t at, bint batch) except -1:
+    """Gather every leaf of ``value`` (a row of env ``at``, or a batch of ``at`` envs), then
+    copy them all; ``False`` with nothing written if any needs converting."""
     cdef ItemList items
     cdef int ok
     items.items = NULL
     items.count = 0
     items.capacity = 0
     try:
-        ok = node.gather_row(segment, value, env, &items)
+        ok = (node.gather_batch(segment, value, at, &items) if batch
+              else node.gather_row(segment, value, at, &items))
         if ok:
             items_copy(segment, &items)
         return ok == 1
     finally:
         items_free(&items)
+
+
+def write_row(Segment segment, Node node, object value, Py_ssize_t env):
+    """Copy one env's sample into its row; ``False`` (nothing written) if it needs converting."""
+    return write(segment, node, value, env, False)
 
 
 def write_batch(Segment segment, Node node, object value, Py_ssize_t n):
     """Copy a whole batch (leading dimension ``n``); ``False`` (nothing written) if it needs converting."""
-    cdef ItemList items
-    cdef int ok
-    items.items = NULL
-    items.count = 0
-    items.capacity = 0
-    try:
-        ok = node.gather_batch(segment, value, n, &items)
-        if ok:
-            items_copy(segment, &items)
-        return ok == 1
-    finally:
-        items_free(&items)
+    return write(segment, node, value, n, True)
 
 
 def read_row(Node node, Py_ssize_t env, bint copy=True):

@@ -10,6 +10,7 @@ segment exactly once, also when the vector env is never closed. It raises
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -146,10 +147,8 @@ class Resources:
 
     def shutdown(self, join_timeout: float = 2.0) -> None:
         for pipe in self.pipes:
-            try:
+            with contextlib.suppress(OSError):
                 pipe.close()
-            except OSError:
-                pass
         self.pipes = []
         deadline = time.monotonic() + join_timeout
         # wait for the exits without reaping: an unreaped worker's pid (its group's id)
@@ -166,10 +165,8 @@ class Resources:
                 process.kill()
                 process.join(1.0)
         for process in self.processes:
-            try:
+            with contextlib.suppress(ValueError):  # one that would not end: left to the GC
                 process.close()
-            except ValueError:
-                pass
         self.processes = []
         self.release_segment()
 

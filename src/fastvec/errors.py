@@ -28,7 +28,28 @@ class RemoteTraceback(Exception):
         return f"\n\nRemote traceback (from the worker process):\n{self.text}"
 
 
-class WorkerDiedError(BrokenProcessPool, EOFError, BrokenPipeError):
+class _AboutAWorker:
+    """The facts a worker's error carries.
+
+    Attributes
+    ----------
+    worker : int
+        The worker's index.
+    env_indices : tuple[int, ...]
+        The sub-environments the worker runs.
+    pid : int | None
+        The worker's process id.
+    """
+
+    worker: int
+    env_indices: tuple[int, ...]
+    pid: int | None
+
+    def _about(self, worker: int, env_indices: tuple[int, ...], pid: int | None) -> None:
+        self.worker, self.env_indices, self.pid = worker, env_indices, pid
+
+
+class WorkerDiedError(_AboutAWorker, BrokenProcessPool, EOFError, BrokenPipeError):
     """A worker process ended while the vector env needed it.
 
     Raised by the call that was waiting on the worker, or by the next call if the worker died
@@ -39,12 +60,8 @@ class WorkerDiedError(BrokenProcessPool, EOFError, BrokenPipeError):
 
     Attributes
     ----------
-    worker : int
-        The worker's index.
-    env_indices : tuple[int, ...]
-        The sub-environments the worker ran.
-    pid : int | None
-        The worker's process id.
+    worker, env_indices, pid
+        Which worker, which envs, which process (see ``_AboutAWorker``).
     exitcode : int | None
         Its exit code; negative for a signal, as ``multiprocessing`` reports it (``None`` if
         the worker could not be reaped, which should not happen).
@@ -57,9 +74,7 @@ class WorkerDiedError(BrokenProcessPool, EOFError, BrokenPipeError):
                  pid: int | None = None, exitcode: int | None = None,
                  restarted: bool = False) -> None:
         super().__init__(message)
-        self.worker = worker
-        self.env_indices = env_indices
-        self.pid = pid
+        self._about(worker, env_indices, pid)
         self.exitcode = exitcode
         self.restarted = restarted
 
@@ -103,7 +118,7 @@ def _reduce_mixed(self: InvalidActionsError) -> tuple[object, tuple[str, type[Ba
     return (invalid_actions, (str(self), base))
 
 
-class WorkerStartTimeoutError(TimeoutError):
+class WorkerStartTimeoutError(_AboutAWorker, TimeoutError):
     """A worker made no progress in starting for ``start_timeout`` seconds.
 
     Raised by the vector env's constructor; the message says what the worker was doing
@@ -114,12 +129,8 @@ class WorkerStartTimeoutError(TimeoutError):
 
     Attributes
     ----------
-    worker : int
-        The worker's index.
-    env_indices : tuple[int, ...]
-        The sub-environments the worker runs.
-    pid : int | None
-        The worker's process id.
+    worker, env_indices, pid
+        Which worker, which envs, which process (see ``_AboutAWorker``).
     phase : str
         What it was doing, as in the message.
     """
@@ -127,7 +138,5 @@ class WorkerStartTimeoutError(TimeoutError):
     def __init__(self, message: str, worker: int = -1, env_indices: tuple[int, ...] = (),
                  pid: int | None = None, phase: str = "") -> None:
         super().__init__(message)
-        self.worker = worker
-        self.env_indices = env_indices
-        self.pid = pid
+        self._about(worker, env_indices, pid)
         self.phase = phase

@@ -407,23 +407,8 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
             raise LeafError(f"{path}: characters {''.join(unknown)!r} are not in the "
                              "space's charset")
         return str(value)
-    if kind == _KIND["tuple"]:
-        if not isinstance(value, (tuple, list)) or len(value) != len(node.children):
-            raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
-                             f"got {describe(value)}")
-        return tuple(_coerce(child, item, f"{path}[{i}]")
-                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
-    if kind == _KIND["dict"]:
-        if not isinstance(value, Mapping):
-            raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
-                             f"got {describe(value)}")
-        missing = [k for k in node.keys if k not in value]
-        extra = [k for k in value if k not in node.keys]
-        if missing or extra:
-            raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
-                             f"{list(value)} (missing {missing}, unexpected {extra})")
-        return {k: _coerce(child, value[k], _key_path(path, k))
-                for k, child in zip(node.keys, node.children, strict=True)}
+    if kind in (_KIND["tuple"], _KIND["dict"]):
+        return _coerce_children(node, value, path, _coerce)
     if kind == _KIND["oneof"]:
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             raise LeafError(f"{path}: expected a pair (subspace index, sample), got "
@@ -440,27 +425,34 @@ def _coerce(node: Node, value: Any, path: str) -> Any:
     raise LeafError(f"{path}: unsupported node kind {kind}")
 
 
+def _coerce_children(node: Node, value: Any, path: str,
+                     coerce: Callable[[Node, Any, str], Any]) -> Any:
+    """A Tuple or Dict node's value, each child's part converted by ``coerce``."""
+    if node.kind == _KIND["tuple"]:
+        if not isinstance(value, (tuple, list)) or len(value) != len(node.children):
+            raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
+                             f"got {describe(value)}")
+        return tuple(coerce(child, item, f"{path}[{i}]")
+                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
+    if not isinstance(value, Mapping):
+        raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
+                         f"got {describe(value)}")
+    missing = [k for k in node.keys if k not in value]
+    extra = [k for k in value if k not in node.keys]
+    if missing or extra:
+        raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
+                         f"{list(value)} (missing {missing}, unexpected {extra})")
+    return {k: coerce(child, value[k], _key_path(path, k))
+            for k, child in zip(node.keys, node.children, strict=True)}
+
+
 def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
     kind = node.kind
     if kind in (_KIND["array"], _KIND["discrete"]):
         return _as_array(node, value, path, (n, *node.shape))
-    if kind == _KIND["tuple"]:
-        if not isinstance(value, (tuple, list)) or len(value) != len(node.children):
-            raise LeafError(f"{path}: expected a tuple of length {len(node.children)}, "
-                             f"got {describe(value)}")
-        return tuple(_coerce_batch(child, item, f"{path}[{i}]", n)
-                     for i, (child, item) in enumerate(zip(node.children, value, strict=True)))
-    if kind == _KIND["dict"]:
-        if not isinstance(value, Mapping):
-            raise LeafError(f"{path}: expected a dict with keys {list(node.keys)}, "
-                             f"got {describe(value)}")
-        missing = [k for k in node.keys if k not in value]
-        extra = [k for k in value if k not in node.keys]
-        if missing or extra:
-            raise LeafError(f"{path}: expected keys {list(node.keys)}, got keys "
-                             f"{list(value)} (missing {missing}, unexpected {extra})")
-        return {k: _coerce_batch(child, value[k], _key_path(path, k), n)
-                for k, child in zip(node.keys, node.children, strict=True)}
+    if kind in (_KIND["tuple"], _KIND["dict"]):
+        return _coerce_children(node, value, path,
+                                lambda child, item, where: _coerce_batch(child, item, where, n))
     # Text and OneOf batches are a sequence of n per-env samples.
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n:
         raise LeafError(f"{path}: expected a sequence of {n} samples, got {describe(value)}")
