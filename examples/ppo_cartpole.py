@@ -94,8 +94,8 @@ class Adam:
 def _clip_by_global_norm(grads: dict[str, np.ndarray], max_norm: float) -> None:
     norm = np.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
     if norm > max_norm:
-        for g in grads.values():
-            g *= max_norm / norm
+        for grad in grads.values():
+            np.multiply(grad, max_norm / norm, out=grad)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

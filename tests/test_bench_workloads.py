@@ -268,7 +268,7 @@ def test_double_buffered_loop_sends_each_policy_output_to_the_envs_it_was_comput
 
     double_buffered_loop(envs, policy, seconds=0.02, warmup=0.0)
     assert len(envs.sent) == len(sent_actions)
-    assert all(len(ids) == len(a) for ids, a in zip(envs.sent, sent_actions))
+    assert all(len(ids) == len(a) for ids, a in zip(envs.sent, sent_actions, strict=True))
     envs.close()
 
 

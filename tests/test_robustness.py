@@ -727,7 +727,7 @@ def test_soak_one_million_steps():
 def test_segment_mode_and_unguessable_names():
     with fastvec.AsyncVectorEnv(slow_fns(2), num_workers=2) as first, \
             fastvec.AsyncVectorEnv(slow_fns(2), num_workers=1) as second:
-        names = [first._pool.resources.shm.name.lstrip("/"), second._pool.resources.shm.name.lstrip("/")]
+        names = [env._pool.resources.shm.name.lstrip("/") for env in (first, second)]
         for name in names:
             assert re.fullmatch(r"fastvec_[0-9a-f]{24}", name), name
             info = os.stat(os.path.join(SHM_DIR, name))

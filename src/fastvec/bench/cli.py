@@ -236,11 +236,11 @@ def format_table(results: Sequence[Result]) -> str:
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if h in right else c.ljust(w)
-                         for c, w, h in zip(cells, widths, headers)).rstrip()
+                         for c, w, h in zip(cells, widths, headers, strict=True)).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])]
     previous = None
-    for r, row in zip(results, rows):
+    for r, row in zip(results, rows, strict=True):
         case = (r.workload, r.num_envs)
         if previous is not None and case != previous:
             out.append("")

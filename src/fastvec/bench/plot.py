@@ -63,8 +63,8 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike[str],
             points = sorted((r for r in mine if r.backend == backend), key=lambda r: r.num_envs)
             x = [r.num_envs for r in points]
             y = [statistics.median(r.rates) for r in points]
-            low = [m - min(r.rates) for r, m in zip(points, y)]
-            high = [max(r.rates) - m for r, m in zip(points, y)]
+            low = [m - min(r.rates) for r, m in zip(points, y, strict=True)]
+            high = [max(r.rates) - m for r, m in zip(points, y, strict=True)]
             ax.errorbar(x, y, yerr=[low, high], label=backend, capsize=3, linewidth=1.6,
                         markersize=5, **_STYLE.get(backend, {}))
         ax.set_title(workload)

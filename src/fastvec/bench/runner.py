@@ -18,6 +18,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
 
+import fastvec
 from fastvec.bench.contention import BusyProcesses
 from fastvec.bench.policy import (
     LOOP_MODES,
@@ -43,11 +44,11 @@ __all__ = [
     "BenchConfig",
     "Contender",
     "Prepared",
+    "Progress",
     "Result",
     "contenders",
     "machine_info",
     "prepare",
-    "Progress",
     "run",
     "skipped_workloads",
     "usable_cores",
@@ -114,8 +115,6 @@ def make_backend(backend: str, env_fn: Callable[[], gym.Env], num_envs: int,
     """A vector env of ``backend``; ``batch_size`` (fastvec only) asks for partial batches."""
     fns = [env_fn] * num_envs
     if backend == "fastvec":
-        import fastvec
-
         if num_workers is not None:
             num_workers = min(num_workers, num_envs)
         if batch_size is not None:
@@ -130,18 +129,18 @@ def make_backend(backend: str, env_fn: Callable[[], gym.Env], num_envs: int,
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _processes(backend: str, envs: gym.vector.VectorEnv) -> int:
-    if backend == "fastvec":
-        return int(getattr(envs, "num_workers"))
-    if backend == "gym-async":
-        return len(getattr(envs, "processes"))
+def _processes(envs: gym.vector.VectorEnv) -> int:
+    if isinstance(envs, fastvec.AsyncVectorEnv):
+        return int(envs.num_workers)
+    if isinstance(envs, gym.vector.AsyncVectorEnv):
+        return len(envs.processes)
     return 0
 
 
 def _timed_loop(step: Callable[[Any], Any], actions: Sequence[Any], seconds: float,
                 warmup: float, after_warmup: Callable[[], None] | None = None,
                 on_done: Callable[[Any], None] | None = None) -> tuple[int, float]:
-    """Calls ``step`` for ``warmup`` then ``seconds``; returns (calls, elapsed) of the timed part."""
+    """Calls ``step`` for ``warmup`` then ``seconds``; returns (calls, elapsed) timed."""
     clock = time.perf_counter
     mask = len(actions) - 1  # a power of two
     calls = 0
@@ -193,7 +192,7 @@ def _ceiling_child(index: int, env_fn: Callable[[], gym.Env], seconds: float, wa
                                      on_done=on_done)
         env.close()
         conn.send((calls, elapsed, None))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         try:
             barrier.abort()
         finally:
@@ -416,7 +415,7 @@ def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[
             prepared.append(prepare(workload, num_envs, extra))
         with BusyProcesses(config.contention) as busy:
             extra["contention"] = {"processes": config.contention, "pids": busy.pids}
-            for (workload, num_envs), prep in zip(cases, prepared):
+            for (workload, num_envs), prep in zip(cases, prepared, strict=True):
                 results.extend(_run_case(workload, num_envs, prep,
                                          contenders(workload, num_envs, backends),
                                          want_ceiling and workload.ceiling, config, bar))
@@ -438,19 +437,19 @@ def _start(rows: Sequence[Contender], env_fn: Callable[[], gym.Env], num_envs: i
             env = make_backend(row.backend, env_fn, num_envs,
                                config.num_workers if row.backend == "fastvec" else None,
                                batch_size=row.batch_size)
-        except Exception as exc:  # noqa: BLE001 - reported in the table
+        except Exception as exc:
             results[row.label].error = f"{type(exc).__name__}: {exc}"
             continue
         envs[row.label] = env
         if row.mode is None:
             try:
                 env.reset(seed=0)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 results[row.label].error = f"{type(exc).__name__}: {exc}"
                 envs.pop(row.label).close()
                 continue
         results[row.label].setup_seconds = time.perf_counter() - start
-        results[row.label].processes = _processes(row.backend, env)
+        results[row.label].processes = _processes(env)
     return envs
 
 
@@ -490,7 +489,7 @@ def _run_case(workload: Workload, num_envs: int, prepared: Prepared, rows: list[
                 bar.show(f"{where} {row.label} ...")
                 try:
                     steps, elapsed = _time_row(row, running, actions, prepared, config)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     results[row.label].error = f"{type(exc).__name__}: {exc}"
                     envs.pop(row.label).close()
                     bar.step(f"{where} {row.label}: failed")
@@ -526,7 +525,7 @@ def _ceiling_repeat(result: Result, env_fn: Callable[[], gym.Env], config: Bench
     try:
         steps, elapsed, rate = measure_ceiling(env_fn, config.seconds, config.warmup,
                                                usable_cores())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         bar.step(f"{where} ceiling: failed")
     else:

@@ -47,7 +47,7 @@ EPISODE_STEPS = 1000
 class _FixedObsEnv(gym.Env):
     """Does no work: every step returns the same preallocated observation object."""
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 (Gymnasium's own type)
 
     def __init__(self) -> None:
         self.action_space = spaces.Discrete(4)
@@ -80,7 +80,8 @@ class ImageEnv(_FixedObsEnv):
 
 
 class DictEnv(_FixedObsEnv):
-    """A nested observation: ``Dict(image uint8 (64,64,3), vector float32 (32,), id Discrete(5))``."""
+    """A nested observation: ``Dict(image uint8 (64,64,3), vector float32 (32,),
+    id Discrete(5))``."""
 
     def __init__(self) -> None:
         self.observation_space = spaces.Dict({
@@ -103,7 +104,6 @@ class DictEnv(_FixedObsEnv):
 #: Target cost of one ComputeEnv step, in seconds.
 COMPUTE_STEP_SECONDS = 300e-6
 _SIZE = 64
-_round_seconds: float | None = None
 
 
 def _compute_matrix() -> np.ndarray:
@@ -125,15 +125,13 @@ def _work(state: np.ndarray, scratch: np.ndarray, matrix: np.ndarray, iters: int
         np.add(state, scratch, out=state)
 
 
+@functools.cache
 def calibrate_round_seconds() -> float:
     """Seconds one round of :func:`_work` takes on this machine now.
 
     Measured once per process (the median of several short trials, so the work matches
     what this machine delivers now, neighbours included) and cached.
     """
-    global _round_seconds
-    if _round_seconds is not None:
-        return _round_seconds
     state = np.full((_SIZE, _SIZE), 0.1)
     scratch = np.empty_like(state)
     matrix = _compute_matrix()
@@ -144,8 +142,7 @@ def calibrate_round_seconds() -> float:
         start = time.perf_counter()
         _work(state, scratch, matrix, probe)
         trials.append(time.perf_counter() - start)
-    _round_seconds = statistics.median(trials) / probe
-    return _round_seconds
+    return float(statistics.median(trials)) / probe
 
 
 def calibrate_compute(target: float = COMPUTE_STEP_SECONDS) -> int:
@@ -160,7 +157,7 @@ def calibrate_compute(target: float = COMPUTE_STEP_SECONDS) -> int:
 class ComputeEnv(gym.Env):
     """About 300 µs of deterministic numpy work per step; ``Box(8,)`` float32 observations."""
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 (Gymnasium's own type)
 
     def __init__(self, iters: int | None = None) -> None:
         self.iters = calibrate_compute() if iters is None else int(iters)
