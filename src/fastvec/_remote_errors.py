@@ -116,15 +116,14 @@ def explain(exc: BaseException, index: int, result: Any, step: bool) -> BaseExce
         return _returned(index, "an info that is not a dict", exc.args[0], None)
     if result is NOT_RETURNED:
         return exc
-    if isinstance(exc, LeafError):
-        return _returned(index, "an observation that does not fit the observation space",
-                         NOT_RETURNED, exc)
     if not step:
         try:
             _, _ = result
         except Exception as error:
             return _returned(index, "a reset result that is not (obs, info)", result, error)
-        return exc
+        return _unfit_observation(index, exc)
+    if isinstance(exc, LeafError):
+        return _unfit_observation(index, exc)
     try:
         _, reward, terminated, truncated, _ = result
     except Exception as error:
@@ -140,7 +139,14 @@ def explain(exc: BaseException, index: int, result: Any, step: bool) -> BaseExce
             bool(flag)
         except Exception as error:
             return _returned(index, f"a `{name}` flag that is not a bool", flag, error)
-    return exc
+    # the rest of the result is fine: what failed is storing the observation (a LeafError,
+    # or a cast's overflow warning that the user's filters turn into an error)
+    return _unfit_observation(index, exc)
+
+
+def _unfit_observation(index: int, exc: BaseException) -> Exception:
+    return _returned(index, "an observation that does not fit the observation space",
+                     NOT_RETURNED, exc)
 
 
 def _returned(index: int, what: str, value: Any, cause: BaseException | None) -> Exception:
