@@ -97,7 +97,8 @@ def test_atari_workload_smoke():
     proc = _run("--workload", "atari", "--num-envs", "2", *TINY)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("atari")]
-    assert {row[2] for row in rows} == BACKENDS
+    # atari has a no-IPC ceiling too (and, with partial batches, a fastvec-partial row)
+    assert {row[2] for row in rows} - {"fastvec-partial"} == BACKENDS | {"ceiling"}
     assert all(row[1] == "2" and row[4] != "failed" for row in rows), proc.stdout
     assert "A.L.E" not in proc.stderr  # the emulator's banner is silenced
 

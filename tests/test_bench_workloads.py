@@ -17,6 +17,7 @@ from fastvec.bench.policy import (
     blas_threads,
     calibrate_policy,
     double_buffered_loop,
+    partial_loop,
     single_blas_thread,
     sync_loop,
 )
@@ -201,7 +202,7 @@ class FakePartialVectorEnv(gym.vector.SyncVectorEnv):
         self.sent: list[list[int]] = []
         self.env_steps = np.zeros(self.num_envs, int)
 
-    def async_reset(self) -> None:
+    def async_reset(self, seed: int | None = None) -> None:
         if self.finished:
             raise RuntimeError("async_reset with envs still to be received")
         self.held.clear()
@@ -255,6 +256,17 @@ def test_double_buffered_loop_alternates_halves_and_leaves_nothing_in_flight():
     # and the envs are ready for the next repeat
     steps, _ = double_buffered_loop(envs, policy, seconds=0.02, warmup=0.0)
     assert steps > 0
+    envs.close()
+
+
+def test_partial_loop_sends_presampled_rows_back_and_leaves_nothing_in_flight():
+    envs = _fake(6, 3)
+    actions = [np.full(6, k % 2, np.int64) for k in range(4)]
+    steps, elapsed = partial_loop(envs, actions, seconds=0.05, warmup=0.01)
+    assert elapsed >= 0.05 and steps > 0 and steps % 3 == 0
+    assert all(len(ids) == 3 for ids in envs.sent)
+    assert envs.env_steps.max() - envs.env_steps.min() <= 1
+    assert envs.finished == [] and sorted(envs.held) == list(range(6))
     envs.close()
 
 

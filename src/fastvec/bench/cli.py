@@ -16,6 +16,7 @@ from fastvec.bench.runner import (
     BOUND,
     CEILING,
     DOUBLE_BUFFERED,
+    PARTIAL,
     BenchConfig,
     Result,
     machine_info,
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- report ----------------------------------------------------------------------------------
 
 #: The rows whose ratios to the others are reported.
-_FASTVEC_ROWS = ("fastvec", DOUBLE_BUFFERED)
+_FASTVEC_ROWS = ("fastvec", PARTIAL, DOUBLE_BUFFERED)
 
 
 def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
@@ -281,6 +282,9 @@ def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
             f"policy x{num_envs}: bound = {num_envs} envs x {p['cores']} cores / (policy + "
             f"env) = {_fmt_int(p['bound'])} env-steps/s; no vectoriser beats it on "
             f"{p['cores']} cores")
+    if any(r.backend == PARTIAL for r in results):
+        notes.append(f"{PARTIAL}: fastvec with batch_size = num_envs // 2, each half's "
+                     "actions sent back the moment it comes (send/recv), no policy")
     if any(r.backend == DOUBLE_BUFFERED for r in results):
         notes.append(f"{DOUBLE_BUFFERED}: fastvec double-buffered, batch_size = num_envs // 2, "
                      "the policy computing one half while the other steps")

@@ -17,7 +17,7 @@ import importlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ __all__ = [
     "double_buffered_loop",
     "env_step_seconds",
     "partial_batches_available",
+    "partial_loop",
     "single_blas_thread",
     "sync_loop",
 ]
@@ -257,7 +258,7 @@ class PartialBatchVectorEnv(Protocol):
 
     num_envs: int
 
-    def async_reset(self) -> None: ...
+    def async_reset(self, seed: int | None = None) -> None: ...
 
     def send(self, actions: Any, env_ids: np.ndarray) -> None: ...
 
@@ -314,6 +315,31 @@ def double_buffered_loop(envs: PartialBatchVectorEnv, policy: Policy, seconds: f
         envs.send(policy(obs), env_ids)
         obs, _, _, _, infos = envs.recv()
         env_ids = infos["env_id"]
+        return len(env_ids)
+
+    result = _timed(tick, seconds, warmup)
+    envs.recv()
+    return result
+
+
+def partial_loop(envs: PartialBatchVectorEnv, actions: Sequence[Any], seconds: float,
+                 warmup: float) -> tuple[int, float]:
+    """Partial batches with pre-sampled actions and no policy: each batch's actions go back
+    the moment it comes, so no env waits for the slowest of the whole batch.
+
+    ``actions`` are whole batches (a power-of-two count of them); each send takes the first
+    rows. As in :func:`double_buffered_loop` the half still in flight is received at the end.
+    """
+    envs.async_reset(seed=0)
+    env_ids = envs.recv()[4]["env_id"]
+    mask = len(actions) - 1
+    sent = 0
+
+    def tick() -> int:
+        nonlocal env_ids, sent
+        envs.send(actions[sent & mask][:len(env_ids)], env_ids)
+        sent += 1
+        env_ids = envs.recv()[4]["env_id"]
         return len(env_ids)
 
     result = _timed(tick, seconds, warmup)

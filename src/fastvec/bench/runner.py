@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -22,9 +22,11 @@ import fastvec
 from fastvec.bench.contention import BusyProcesses
 from fastvec.bench.policy import (
     LOOP_MODES,
+    PartialBatchVectorEnv,
     PolicySetup,
     calibrate_policy,
     partial_batches_available,
+    partial_loop,
     single_blas_thread,
 )
 from fastvec.bench.workloads import (
@@ -41,6 +43,7 @@ __all__ = [
     "BOUND",
     "CEILING",
     "DOUBLE_BUFFERED",
+    "PARTIAL",
     "BenchConfig",
     "Contender",
     "Prepared",
@@ -60,6 +63,9 @@ CEILING = "ceiling"
 BOUND = "bound"
 #: fastvec in the double-buffered loop (partial batches of num_envs // 2).
 DOUBLE_BUFFERED = "fastvec-db"
+#: fastvec stepping partial batches of num_envs // 2 with pre-sampled actions: no env waits
+#: for the slowest of the whole batch (the workloads with a ceiling).
+PARTIAL = "fastvec-partial"
 #: Action batches sampled up front and cycled through, so sampling is never timed.
 ACTION_BATCHES = 64
 
@@ -357,7 +363,11 @@ class Contender:
 def contenders(workload: Workload, num_envs: int, backends: Sequence[str]) -> list[Contender]:
     """The rows a case times: each backend, plus fastvec double-buffered where it can be."""
     if not workload.policy:
-        return [Contender(b, b) for b in backends]
+        rows = [Contender(b, b) for b in backends]
+        if (workload.ceiling and "fastvec" in backends and num_envs >= 2
+                and partial_batches_available()):
+            rows.insert(1, Contender(PARTIAL, "fastvec", "partial", num_envs // 2))
+        return rows
     rows = [Contender(b, b, "sync") for b in backends]
     if "fastvec" in backends and num_envs >= 2 and partial_batches_available():
         rows.append(Contender(DOUBLE_BUFFERED, "fastvec", "double-buffered", num_envs // 2))
@@ -458,6 +468,9 @@ def _time_row(row: Contender, env: gym.vector.VectorEnv, actions: Sequence[Any],
     """(env-steps, elapsed seconds) of one timed run of ``row``."""
     if row.mode is None:
         return time_vector_env(env, actions, config.seconds, config.warmup)
+    if row.mode == "partial":
+        return partial_loop(cast(PartialBatchVectorEnv, env), actions, config.seconds,
+                            config.warmup)
     if prepared.policy is None:
         raise ValueError(f"{row.label}: loop mode {row.mode!r} without a calibrated policy")
     with single_blas_thread():

@@ -356,7 +356,7 @@ WORKLOADS: dict[str, Workload] = {
                  _policy_factory, policy=True),
         Workload("atari", 8, f"{ATARI_ENV_ID} + AtariPreprocessing + FrameStackObservation(4): "
                  "(4,84,84) uint8, Discrete(6); needs fastvec[atari]",
-                 _atari_factory, unavailable=atari_missing),
+                 _atari_factory, ceiling=True, unavailable=atari_missing),
     )
 }
 
