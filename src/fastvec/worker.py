@@ -72,6 +72,11 @@ class Worker:
         self.spin = SpinBudget()
         self.line = plan.worker_line(index)
         self.pending = plan.parent_line + S.PENDING
+        self.completed = plan.parent_line + S.COMPLETED
+        self.waiting = plan.parent_line + S.WAITING
+        # the entry being served: its observation slot and, for a partial entry, its env ids
+        self.slot = 0
+        self.ids: list[int] | None = None
         plan.check_header(buffer)  # before any use: only our parent's segment will do
         self.doorbells = Doorbells(buffer)
         self.segment = Segment(buffer)
@@ -114,7 +119,8 @@ class Worker:
         """Serve commands until ``close`` (True) or the parent's death (False).
 
         ``seq`` is the last command sequence seen; ``parent_alive`` is checked whenever a
-        wait slice passes without a command.
+        wait slice passes without a command. Every entry published since ``seq`` is served,
+        in order.
         """
         doorbells = self.doorbells
         seq_offset = self.line + S.CMD_SEQ
@@ -128,37 +134,68 @@ class Worker:
                 if not parent_alive():
                     return False
             self.spin.record(time.monotonic() - idle_since)
-            seq = doorbells.load(seq_offset)
-            if self.serve(seq):
-                return True
+            published = doorbells.load(seq_offset)
+            while seq != published:
+                seq = (seq + 1) & 0xFFFFFFFF
+                if self.serve(seq):
+                    return True
 
     def serve(self, seq: int) -> bool:
-        """Carry out the command rung with sequence ``seq``; True if it was ``close``."""
+        """Carry out queue entry ``seq``; True if it was ``close``."""
         doorbells = self.doorbells
+        entry = self.plan.entry(self.index, seq)
+        self.slot = doorbells.load(entry + S.E_SLOT)
+        partial = doorbells.load(entry + S.E_PARTIAL) != 0
+        ids: list[int] | None = None
+        if partial:
+            first, id_word = doorbells.load(entry + S.E_FIRST), self.plan.env_id
+            ids = [doorbells.load(id_word(self.index, first + k))
+                   for k in range(doorbells.load(entry + S.E_COUNT))]
+        self.ids = ids
         request: M.Request | None = None
-        if doorbells.load(self.line + S.CMD) == M.Command.STEP:
+        if doorbells.load(entry + S.E_COMMAND) == M.Command.STEP:
             reply = self.step_group()
         else:
             request = self.pipe.recv()
             reply = self.handle(request)
-        doorbells.store(self.line + S.INFO_PENDING, 1 if reply else 0)
-        if doorbells.add(self.pending, -1) == 0:
-            doorbells.wake(self.pending)
-        doorbells.store(self.line + S.DONE_SEQ, seq)
+        if partial:
+            doorbells.store(self.line + S.DONE_SEQ, seq)
+        else:
+            doorbells.store(self.line + S.INFO_PENDING, 1 if reply else 0)
+            if doorbells.add(self.pending, -1) == 0:
+                doorbells.wake(self.pending)
+            doorbells.store(self.line + S.DONE_SEQ, seq)
         if reply:
             # sent after the counter so a large reply can never deadlock the parent's wait
             self.pipe.send_bytes(picklable_reply(reply, self.start))
         return isinstance(request, M.Close)
 
+    def mark_done(self, env: int, has_reply: bool) -> None:
+        """Env ``env``'s results are in the segment (a partial entry): mark it, count it and
+        wake the parent if it sleeps on the count."""
+        doorbells, mark = self.doorbells, self.plan.mark(env)
+        doorbells.store(mark + S.HAS_REPLY, 1 if has_reply else 0)
+        doorbells.add(mark + S.DONE, 1)
+        doorbells.add(self.completed, 1)
+        if doorbells.load(self.waiting):
+            doorbells.wake(self.completed)
+
     # -- commands ------------------------------------------------------------------------
     def observation_slot(self) -> Layout | None:
         """The observation slot the current command writes (None: observations go by pipe)."""
         slots = self.plan.observation_slots
-        return slots[self.doorbells.load(self.line + S.SLOT)] if slots else None
+        return slots[self.slot] if slots else None
+
+    def env_indices(self) -> list[int] | range:
+        """The batch indices of the current entry's envs (the whole group unless partial)."""
+        if self.ids is not None:
+            return self.ids
+        return range(self.start, self.start + len(self.envs))
 
     def step_group(self, pickled_actions: list[Any] | None = None) -> M.Reply | None:
-        """Step every env of the group; ``pickled_actions``: the group's actions when the
-        action space has no layout (else each env's is read from its row)."""
+        """Step the current entry's envs (the whole group unless partial); ``pickled_actions``:
+        their actions, in that order, when the action space has no layout (else each env's
+        is read from its row). A partial entry marks each env done as soon as it is."""
         # the per-step hot path: locals hoisted, kernels called directly on the fast path
         segment = self.segment
         action_root = self.plan.actions.root if self.plan.actions is not None else None
@@ -173,12 +210,16 @@ class Worker:
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
         last_obs = self.last_obs
+        envs, start = self.envs, self.start
+        partial = self.ids is not None
+        mark_done = self.mark_done
         reply: M.Reply | None = None
-        i = self.start - 1
-        for j, env in enumerate(self.envs):
-            i += 1
+        for k, i in enumerate(self.env_indices()):
+            j = i - start
+            env = envs[j]
             # what the env returned once it has (errors after that are in storing it)
             result = NOT_RETURNED
+            noted = False  # the reply holds something of this env's
             try:
                 if semaphore is not None:
                     semaphore.acquire()
@@ -188,7 +229,7 @@ class Worker:
                         obs, info = env.reset()
                         reward, terminated, truncated = 0.0, False, False
                     else:
-                        result = env.step(pickled[j] if action_root is None
+                        result = env.step(pickled[k] if action_root is None
                                           else read_row(action_root, i))
                         obs, reward, terminated, truncated, info = result
                         if same_step and (terminated or truncated):
@@ -210,8 +251,10 @@ class Worker:
                         observations.write_row(obs, i)  # type: ignore[union-attr]
                 elif reply is None:
                     reply = M.Reply(observations=[(i, obs)])
+                    noted = True
                 else:
                     reply.observations.append((i, obs))
+                    noted = True
                 rewards[i] = reward
                 terminations[i] = terminated
                 truncations[i] = truncated
@@ -221,23 +264,32 @@ class Worker:
                 if reply is None:
                     reply = M.Reply()
                 reply.errors.append(env_error(exc, i, result))
-                continue
-            if info:
-                if reply is None:
-                    reply = M.Reply()
-                reply.infos.append((i, info))
+                noted = True
+            else:
+                if info:
+                    if reply is None:
+                        reply = M.Reply()
+                    reply.infos.append((i, info))
+                    noted = True
+            if partial:
+                mark_done(i, noted)
         return reply
 
     def reset_group(self, seeds: list[int | None], options: dict[str, Any] | None,
                     mask: list[bool] | None, publish: bool = True) -> M.Reply:
-        """Reset the envs (those in ``mask``); ``publish=False`` keeps the observations here."""
+        """Reset the current entry's envs (those in ``mask``; one seed each, in entry order);
+        ``publish=False`` keeps the observations here. A partial entry writes each env's
+        reward 0 and flags False and marks it done as soon as it is."""
         reply = M.Reply()
         observations = self.observation_slot() if publish else None
-        for j, env in enumerate(self.envs):
-            i = self.start + j
+        partial = self.ids is not None
+        for k, i in enumerate(self.env_indices()):
+            j = i - self.start
+            env = self.envs[j]
+            noted = len(reply.errors) + len(reply.infos) + len(reply.observations)
             # which env a start-up reset was on, should it hang there (see worker_main)
             self.doorbells.store(self.line + S.STATUS_ENV, i)
-            if mask is not None and not mask[j]:
+            if mask is not None and not mask[k]:
                 # an env left alone keeps its observation, whichever slot this reset writes
                 if observations is None:
                     reply.observations.append((i, self.last_obs[j]))
@@ -250,7 +302,7 @@ class Worker:
                     self.semaphore.acquire()
                     self.doorbells.store(self.line + S.PERMIT, 1)
                 try:
-                    result = env.reset(seed=seeds[j], options=options)
+                    result = env.reset(seed=seeds[k], options=options)
                     obs, info = result
                 finally:
                     if self.semaphore is not None:
@@ -264,11 +316,15 @@ class Worker:
                     reply.observations.append((i, obs))
                 if type(info) is not dict and not isinstance(info, Mapping):
                     raise NotADictError(info)
+                if info:
+                    reply.infos.append((i, info))
             except Exception as exc:
                 reply.errors.append(env_error(exc, i, result, step=False))
-                continue
-            if info:
-                reply.infos.append((i, info))
+            if partial:
+                self.rewards[i] = 0.0
+                self.terminations[i] = self.truncations[i] = False
+                self.mark_done(i, noted != len(reply.errors) + len(reply.infos)
+                               + len(reply.observations))
         return reply
 
     def per_env(self, fn: Callable[[int, Env[Any, Any]], Any]) -> M.Reply:
@@ -490,6 +546,7 @@ def _build_envs(worker: Worker, env_fns: list[Callable[[], Env[Any, Any]]],
     if initial_reset is not None:
         publish, autoreset = initial_reset
         worker.phase(S.STATUS_RESETTING, start)
+        worker.slot = worker.doorbells.load(worker.line + S.SLOT)
         reply = worker.reset_group([None] * len(worker.envs), None, None, publish)
         worker.autoreset = [autoreset] * len(worker.envs)
     # read before announcing readiness: the parent may ring as soon as it hears us
