@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -411,10 +412,12 @@ def test_a_failing_env_is_raised_and_the_others_stay():
         envs.send(np.ones(4, np.int64))
         # gymnasium.logger.error warns (see test_vector_env.py)
         with pytest.warns(UserWarning) as record:
-            with pytest.raises(test_envs.FailError, match="env 1 failed"):
+            with pytest.raises(test_envs.FailError, match="env 1 failed") as excinfo:
                 envs.recv()
         assert any("Received the following error from Worker-1" in str(w.message)
                    for w in record)
+        if sys.version_info >= (3, 11):
+            assert "raised by env 1 in a partial batch" in "".join(excinfo.value.__notes__)
         # the failed env is no longer in flight; the three others are not lost
         obs, rewards, _, _, infos = envs.recv()
         assert sorted(infos["env_id"].tolist()) == [0, 2, 3]
@@ -488,3 +491,61 @@ def test_restarted_worker_envs_come_back_truncated(mode):
             seen += infos["env_id"].tolist()
             assert "worker_restarted" not in infos
         assert sorted(seen) == list(range(6))
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_idle_envs_of_a_restarted_worker_report_it_on_their_next_send(mode):
+    fns = crash_envs.crash_fns(6, crashing=(2,), where="step", how="kill", crash_at=1)
+    with fastvec.AsyncVectorEnv(fns, batch_size=1, num_workers=3, context="fork",
+                                restart_workers=True, autoreset_mode=mode) as envs:
+        envs.reset(seed=0)
+        envs.send(np.ones(1, np.int64), [2])  # env 3 (same worker) stays idle
+        with pytest.warns(UserWarning, match=r"fastvec worker 1 .* restarted it as pid"):
+            obs, rewards, _, truncations, infos = envs.recv()
+        assert infos["env_id"].tolist() == [2] and truncations.tolist() == [True]
+        assert infos["worker_restarted"].tolist() == [True] and obs[0].tolist() == [2, 0, 1]
+        # env 3 was rebuilt too: its next send reports that instead of stepping it
+        envs.send(np.ones(1, np.int64), [3])
+        obs, rewards, _, truncations, infos = envs.recv()
+        assert infos["env_id"].tolist() == [3] and truncations.tolist() == [True]
+        assert infos["worker_restarted"].tolist() == [True] and obs[0].tolist() == [3, 0, 1]
+        assert rewards.tolist() == [0.0]
+        envs.send(np.ones(1, np.int64), [3])
+        obs, rewards, _, truncations, infos = envs.recv()
+        assert "worker_restarted" not in infos and truncations.tolist() == [False]
+        if mode is AutoresetMode.NEXT_STEP:  # the step after a truncation resets
+            assert obs[0].tolist() == [3, 0, 2] and rewards.tolist() == [0.0]
+        else:
+            assert obs[0].tolist() == [3, 1, 1] and rewards.tolist() == [1.5]
+
+
+def test_pickled_actions_reach_their_envs():
+    """An action space with no layout: each worker's actions travel pickled, in its entry's
+    order, also when some envs of the send are stale (reported, not stepped)."""
+    def pair(i: int, count: int) -> tuple:
+        return (action(i, count), np.array([i, count], np.float32))
+
+    fns = [functools.partial(test_envs.SpaceEnv, spaces.Box(-1, 1, (2,)),
+                             test_envs.PairSpace(), episode_len=(50, 50), index=i)
+           for i in range(4)]
+    expected = {}
+    for i, fn in enumerate(fns):
+        env = fn()
+        env.reset(seed=i)
+        expected[i] = [env.step(pair(i, count))[1] for count in range(3)]
+    got: dict[int, list[float]] = {i: [] for i in range(4)}
+    with fastvec.AsyncVectorEnv(fns, batch_size=2, num_workers=2, context="fork") as envs:
+        assert envs._plan.actions is None
+        envs.reset(seed=0)
+        ids = [3, 0, 2, 1]  # not in group order
+        envs.send(tuple(pair(i, 0) for i in ids), ids)
+        while any(len(v) < 3 for v in got.values()):
+            _, rewards, _, _, infos = envs.recv()
+            again = []
+            for k, i in enumerate(infos["env_id"].tolist()):
+                got[i].append(float(rewards[k]))
+                if len(got[i]) < 3:
+                    again.append(i)
+            if again:
+                envs.send(tuple(pair(i, len(got[i])) for i in again), again)
+    assert got == expected

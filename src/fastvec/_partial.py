@@ -14,7 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -116,11 +116,11 @@ class PartialBatches:
         return per_env
 
     def send(self, command: M.Command, ids: list[int], slot: int,
-             requests: dict[int, M.Request] | None, by_worker: dict[int, list[int]],
-             reset: bool = False) -> None:
+             request: Callable[[list[int]], M.Request] | None, reset: bool = False) -> None:
         """Submit ``ids`` (checked, idle) into observation ``slot`` (kept while any env is
-        outstanding). Stale envs of a replaced worker are not stepped: they are ready at
-        once, reported restarted (a reset resets them)."""
+        outstanding); ``request(group)``: the request record of one worker's envs, for a
+        command that needs one. Stale envs of a replaced worker are not stepped: they are
+        ready at once, reported restarted (a reset resets them)."""
         if not self.outstanding:
             self.slot = slot
         if reset:
@@ -132,13 +132,10 @@ class PartialBatches:
             self.restarted[i] = info
             self._put_observation(i, obs)
             self.ready.append(i)
-        if stale:
-            drop = set(stale)
-            by_worker = {w: [i for i in group if i not in drop]
-                         for w, group in by_worker.items()}
-            by_worker = {w: group for w, group in by_worker.items() if group}
-            if requests is not None:
-                requests = {w: r for w, r in requests.items() if w in by_worker}
+        stepped = [i for i in ids if i not in stale] if stale else ids
+        by_worker = self.pool.split(stepped)
+        requests = (None if request is None
+                    else {w: request(group) for w, group in by_worker.items()})
         self.pool.submit(command, by_worker, requests, self.slot)
         for group in by_worker.values():
             self.in_flight[group] = True
@@ -237,7 +234,14 @@ class PartialBatches:
             errors = [self.errors.pop(i) for i in failed]
             for i in failed:
                 self.infos.pop(i, None)
-            raise_logged(errors)
+            try:
+                raise_logged(errors)
+            except Exception as exc:
+                if hasattr(exc, "add_note"):  # Python 3.11+
+                    exc.add_note(f"raised by env {errors[-1].index} in a partial batch; it is "
+                                 "no longer in flight (the other finished envs stay for the "
+                                 "next `recv`)")
+                raise
 
     def _absorb(self, reply: M.Reply) -> None:
         envs: set[int] = set()
@@ -314,7 +318,7 @@ class PartialBatches:
                 rewards[k], terminations[k], truncations[k] = 0.0, False, True
                 info = restarted
             if info:
-                infos = rows._add_info(infos, info, k)  # type: ignore[arg-type]
+                infos = rows._add_info(infos, info, k)  # type: ignore[misc]
         infos["env_id"] = np.array(ids, dtype=np.int64)
         return self._observations(ids), rewards, terminations, truncations, infos
 
@@ -322,8 +326,8 @@ class PartialBatches:
         layout = self._layout()
         space = self.single_observation_space
         if layout is None:
-            return concatenate(space, [self.pipe_obs[i] for i in ids],
-                               create_empty_array(space, n=len(ids), fn=np.zeros))
+            out: Any = create_empty_array(space, n=len(ids), fn=np.zeros)
+            return concatenate(space, [self.pipe_obs[i] for i in ids], out)
         return take_rows(space, layout.read_batch(copy=False), ids)
 
 

@@ -254,6 +254,12 @@ class WorkerPool:
         res.results = plan.result_arrays(buffer)
         self._pending = plan.parent_line + S.PENDING
         self._completed = plan.parent_line + S.COMPLETED
+        # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
+        # its queue
+        self._seq = [0] * self.num_workers
+        self._doorbell = [plan.worker_line(w) + S.CMD_SEQ for w in range(self.num_workers)]
+        self._queues = [plan.queue(w) for w in range(self.num_workers)]
+        self._mask = plan.queue_capacity - 1
         # partial entries: each env's expected done count, each worker's id-ring cursor
         self._sent = [0] * plan.num_envs
         self._id_cursor = [0] * self.num_workers
@@ -404,19 +410,17 @@ class WorkerPool:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
-        doorbells, plan = self.doorbells, self.plan
+        doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
         doorbells.store(self._pending, self.num_workers)
         for w in range(self.num_workers):
-            line = plan.worker_line(w)
-            seq = (doorbells.load(line + S.CMD_SEQ) + 1) & 0xFFFFFFFF
-            entry = plan.entry(w, seq)
+            seqs[w] = seq = (seqs[w] + 1) & 0xFFFFFFFF
+            entry = queues[w] + S.ENTRY * (seq & mask)
             doorbells.store(entry + S.E_COMMAND, command)
             doorbells.store(entry + S.E_SLOT, slot)
-            doorbells.store(entry + S.E_PARTIAL, 0)
-            doorbells.store(line + S.SLOT, slot)
-            doorbells.store(line + S.CMD_SEQ, seq)
-            doorbells.wake(line + S.CMD_SEQ, 1)
+            doorbell = self._doorbell[w]
+            doorbells.store(doorbell, seq)
+            doorbells.wake(doorbell, 1)
             if payloads is not None:
                 # after the doorbell: the worker is reading, so a message larger than the
                 # pipe's buffer cannot block us
@@ -505,22 +509,19 @@ class WorkerPool:
                     if requests is not None else None)
         doorbells, plan, sent = self.doorbells, self.plan, self._sent
         for w, ids in by_worker.items():
-            line = plan.worker_line(w)
             first = self._id_cursor[w]
             for k, i in enumerate(ids):
                 doorbells.store(plan.env_id(w, first + k), i)
                 sent[i] = (sent[i] + 1) & 0xFFFFFFFF
             self._id_cursor[w] = (first + len(ids)) & 0xFFFFFFFF
-            seq = (doorbells.load(line + S.CMD_SEQ) + 1) & 0xFFFFFFFF
+            self._seq[w] = seq = (self._seq[w] + 1) & 0xFFFFFFFF
             entry = plan.entry(w, seq)
-            doorbells.store(entry + S.E_COMMAND, command)
+            doorbells.store(entry + S.E_COMMAND, command | S.PARTIAL)
             doorbells.store(entry + S.E_SLOT, slot)
-            doorbells.store(entry + S.E_PARTIAL, 1)
             doorbells.store(entry + S.E_FIRST, first)
             doorbells.store(entry + S.E_COUNT, len(ids))
-            doorbells.store(line + S.SLOT, slot)
-            doorbells.store(line + S.CMD_SEQ, seq)
-            doorbells.wake(line + S.CMD_SEQ, 1)
+            doorbells.store(self._doorbell[w], seq)
+            doorbells.wake(self._doorbell[w], 1)
             if payloads is not None:
                 try:  # after the doorbell, as in ring
                     self.resources.pipes[w].send_bytes(payloads[w])
@@ -556,7 +557,7 @@ class WorkerPool:
         """Every reply waiting in the pipes of ``workers``. A worker found dead raises
         :class:`WorkerDiedError`, or with ``restart`` is left for :meth:`check_partial`."""
         replies = []
-        self._restarting = restart
+        self._restarting = restart and not self.closing
         try:
             for w in workers:
                 pipe = self.resources.pipes[w]
@@ -572,6 +573,7 @@ class WorkerPool:
         """Look for dead workers while partial entries are in flight: raise
         :class:`WorkerDiedError`, or with ``restart`` replace them (their envs fresh, reset
         into the line's slot; :attr:`replaced` holds the resets' replies) and return them."""
+        restart = restart and not self.closing
         self._check_workers(restart)
         if not self._lost:
             return []

@@ -6,13 +6,14 @@ checked by a worker before any use), one control line per worker and one for the
 (one row per env and leaf), the step results (rewards, terminations, truncations) and the
 observation slots (each a whole batch). Every region is 64-byte aligned.
 
-A worker's command queue is a ring of :data:`ENTRY` records (command, slot, partial, first,
-count) and a ring of env ids, both ``queue_capacity`` long (a power of two at least the
+A worker's command queue is a ring of :data:`ENTRY` records (command, slot, first, count)
+and a ring of env ids, both ``queue_capacity`` long (a power of two at least the
 largest group): the parent publishes entry ``seq`` at ``seq % capacity`` and then sets the
 worker's ``CMD_SEQ`` to ``seq``. An entry's envs are the ``count`` ids from position ``first``
 of the id ring. Each in-flight env belongs to exactly one unfinished entry, so neither ring can
-overflow. A synchronous entry (``partial`` 0) covers the whole group and is finished when the
-parent's ``PENDING`` counter reaches 0; a partial entry marks each env done on its own: the
+overflow. A synchronous entry covers the whole group and is finished when the
+parent's ``PENDING`` counter reaches 0; a partial entry (:data:`PARTIAL` in its command
+word) marks each env done on its own: the
 worker sets the env's ``HAS_REPLY`` mark (an info, an error or a pipe observation is coming
 in the entry's reply), increments its ``DONE`` mark and the parent's ``COMPLETED`` counter,
 and wakes the parent if its ``WAITING`` word is set.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -40,8 +42,6 @@ CMD_SEQ = 0  # the last entry published to the worker's queue (its doorbell)
 # What the worker is doing while it starts (STATUS_*), read by the parent on a start timeout.
 STATUS = 8
 INFO_PENDING = 12
-# The observation slot of the latest command: where a replacement writes its initial reset.
-SLOT = 16
 # The last cmd_seq the worker finished, stored after it decremented `pending`: lets the parent
 # tell which workers are done when a dead worker will never decrement the counter.
 DONE_SEQ = 20
@@ -55,13 +55,14 @@ PENDING = 0
 COMPLETED = 4
 WAITING = 8
 
-# One queue entry: command, observation slot, partial (0/1), first id position, env count.
-ENTRY = 32
+# One queue entry: command (with PARTIAL or-ed in for a partial entry), observation slot,
+# first id position, env count.
+ENTRY = 16
 E_COMMAND = 0
 E_SLOT = 4
-E_PARTIAL = 8
-E_FIRST = 12
-E_COUNT = 16
+E_FIRST = 8
+E_COUNT = 12
+PARTIAL = 0x100
 # One env's completion marks: its done counter, and whether its result comes with a reply.
 MARK = 8
 DONE = 0
@@ -121,7 +122,7 @@ class SegmentPlan:
                 cursor += layout.nbytes
         self.nbytes = cursor
         # Every offset, dtype and shape: two plans that place anything differently differ here.
-        geometry = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
+        geometry: list[tuple[Any, ...]] = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
                     for layout in (self.actions, *self.observation_slots)
                     if layout is not None for leaf in layout.leaves]
         geometry.append((self.queues, self.queue_capacity, self.marks, self.rewards,
@@ -155,7 +156,12 @@ class SegmentPlan:
 
     def entry(self, worker: int, seq: int) -> int:
         """Offset of queue entry ``seq`` of ``worker``."""
-        return self.queues + worker * self.queue_bytes + ENTRY * (seq % self.queue_capacity)
+        return self.queue(worker) + ENTRY * (seq % self.queue_capacity)
+
+    def queue(self, worker: int) -> int:
+        """Offset of ``worker``'s first queue entry (entry ``seq`` is at
+        ``queue + ENTRY * (seq % queue_capacity)``)."""
+        return self.queues + worker * self.queue_bytes
 
     def env_id(self, worker: int, position: int) -> int:
         """Offset of the word at ``position`` of ``worker``'s ring of env ids."""

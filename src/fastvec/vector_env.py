@@ -525,13 +525,14 @@ class AsyncVectorEnv(VectorEnv):
                 f"Calling `send` for envs {busy}, which are still in flight (sent and not yet "
                 "returned by `recv`).", "recv")
         per_env = partial.split_actions(actions, ids)
-        by_worker = self._pool.split(ids)
         layout = self._plan.actions
-        requests: dict[int, M.Request] | None = None
+        request: Callable[[list[int]], M.Request] | None = None
         if layout is None:  # pickled, as in step_async
             action_of = dict(zip(ids, per_env, strict=True))
-            requests = {w: M.Step([action_of[i] for i in group])
-                        for w, group in by_worker.items()}
+
+            def request(group: list[int]) -> M.Request:
+                return M.Step([action_of[i] for i in group])
+
             command = M.Command.REQUEST
         else:
             for i, action in zip(ids, per_env, strict=True):
@@ -541,7 +542,7 @@ class AsyncVectorEnv(VectorEnv):
                     raise invalid_actions(f"env {i}: {exc}", ValueError) from None
             command = M.Command.STEP
         slot = partial.slot if partial.outstanding else self._choose_slot()
-        partial.send(command, ids, slot, requests, by_worker)
+        partial.send(command, ids, slot, request)
 
     def async_reset(self, seed: int | list[int | None] | None = None,
                     options: dict[str, Any] | None = None) -> None:
@@ -556,13 +557,11 @@ class AsyncVectorEnv(VectorEnv):
             raise ValueError("`async_reset` resets every env: `options['reset_mask']` is for "
                              "`reset`.")
         self._assert_not_pending("async_reset")
-        ids = list(range(self.num_envs))
-        by_worker = self._pool.split(ids)
-        requests: dict[int, M.Request] = {
-            w: M.Reset([seeds[i] for i in group], options, None)
-            for w, group in by_worker.items()}
-        self._partial.send(M.Command.REQUEST, ids, self._choose_slot(), requests, by_worker,
-                           reset=True)
+        def request(group: list[int]) -> M.Request:
+            return M.Reset([seeds[i] for i in group], options, None)
+
+        self._partial.send(M.Command.REQUEST, list(range(self.num_envs)), self._choose_slot(),
+                           request, reset=True)
 
     def recv(self, timeout: float | None = None
              ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:

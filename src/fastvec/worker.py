@@ -71,6 +71,8 @@ class Worker:
         self.semaphore = semaphore
         self.spin = SpinBudget()
         self.line = plan.worker_line(index)
+        self.queue = plan.queue(index)
+        self.queue_mask = plan.queue_capacity - 1
         self.pending = plan.parent_line + S.PENDING
         self.completed = plan.parent_line + S.COMPLETED
         self.waiting = plan.parent_line + S.WAITING
@@ -143,9 +145,10 @@ class Worker:
     def serve(self, seq: int) -> bool:
         """Carry out queue entry ``seq``; True if it was ``close``."""
         doorbells = self.doorbells
-        entry = self.plan.entry(self.index, seq)
+        entry = self.queue + S.ENTRY * (seq & self.queue_mask)
+        command = doorbells.load(entry + S.E_COMMAND)
         self.slot = doorbells.load(entry + S.E_SLOT)
-        partial = doorbells.load(entry + S.E_PARTIAL) != 0
+        partial = command & S.PARTIAL != 0
         ids: list[int] | None = None
         if partial:
             first, id_word = doorbells.load(entry + S.E_FIRST), self.plan.env_id
@@ -153,7 +156,7 @@ class Worker:
                    for k in range(doorbells.load(entry + S.E_COUNT))]
         self.ids = ids
         request: M.Request | None = None
-        if doorbells.load(entry + S.E_COMMAND) == M.Command.STEP:
+        if command & ~S.PARTIAL == M.Command.STEP:
             reply = self.step_group()
         else:
             request = self.pipe.recv()
@@ -199,7 +202,7 @@ class Worker:
         # the per-step hot path: locals hoisted, kernels called directly on the fast path
         segment = self.segment
         action_root = self.plan.actions.root if self.plan.actions is not None else None
-        pickled: list[Any] = pickled_actions if pickled_actions is not None else []
+        pickled: Any = pickled_actions if pickled_actions is not None else []
         observations = self.observation_slot()
         obs_root = observations.root if observations is not None else None
         read_row, write_row = _kernels.read_row, _kernels.write_row
@@ -210,16 +213,19 @@ class Worker:
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
         last_obs = self.last_obs
-        envs, start = self.envs, self.start
-        partial = self.ids is not None
-        mark_done = self.mark_done
+        start, ids = self.start, self.ids
+        partial = ids is not None
+        order: Any = enumerate(self.envs)  # (group index, env)
+        if ids is not None:
+            order = [(i - start, self.envs[i - start]) for i in ids]
+            if pickled_actions is not None:  # in entry order: index them by group index
+                pickled = dict(zip([i - start for i in ids], pickled_actions, strict=True))
         reply: M.Reply | None = None
-        for k, i in enumerate(self.env_indices()):
-            j = i - start
-            env = envs[j]
+        noted = 0  # a partial entry's reply entries so far
+        for j, env in order:
+            i = start + j
             # what the env returned once it has (errors after that are in storing it)
             result = NOT_RETURNED
-            noted = False  # the reply holds something of this env's
             try:
                 if semaphore is not None:
                     semaphore.acquire()
@@ -229,7 +235,7 @@ class Worker:
                         obs, info = env.reset()
                         reward, terminated, truncated = 0.0, False, False
                     else:
-                        result = env.step(pickled[k] if action_root is None
+                        result = env.step(pickled[j] if action_root is None
                                           else read_row(action_root, i))
                         obs, reward, terminated, truncated, info = result
                         if same_step and (terminated or truncated):
@@ -251,10 +257,8 @@ class Worker:
                         observations.write_row(obs, i)  # type: ignore[union-attr]
                 elif reply is None:
                     reply = M.Reply(observations=[(i, obs)])
-                    noted = True
                 else:
                     reply.observations.append((i, obs))
-                    noted = True
                 rewards[i] = reward
                 terminations[i] = terminated
                 truncations[i] = truncated
@@ -264,15 +268,14 @@ class Worker:
                 if reply is None:
                     reply = M.Reply()
                 reply.errors.append(env_error(exc, i, result))
-                noted = True
             else:
                 if info:
                     if reply is None:
                         reply = M.Reply()
                     reply.infos.append((i, info))
-                    noted = True
             if partial:
-                mark_done(i, noted)
+                before, noted = noted, _entries(reply)
+                self.mark_done(i, noted != before)
         return reply
 
     def reset_group(self, seeds: list[int | None], options: dict[str, Any] | None,
@@ -286,7 +289,7 @@ class Worker:
         for k, i in enumerate(self.env_indices()):
             j = i - self.start
             env = self.envs[j]
-            noted = len(reply.errors) + len(reply.infos) + len(reply.observations)
+            noted = _entries(reply)
             # which env a start-up reset was on, should it hang there (see worker_main)
             self.doorbells.store(self.line + S.STATUS_ENV, i)
             if mask is not None and not mask[k]:
@@ -323,8 +326,7 @@ class Worker:
             if partial:
                 self.rewards[i] = 0.0
                 self.terminations[i] = self.truncations[i] = False
-                self.mark_done(i, noted != len(reply.errors) + len(reply.infos)
-                               + len(reply.observations))
+                self.mark_done(i, noted != _entries(reply))
         return reply
 
     def per_env(self, fn: Callable[[int, Env[Any, Any]], Any]) -> M.Reply:
@@ -354,6 +356,13 @@ class Worker:
         if isinstance(request, M.Close):
             return M.Reply(results=[None] * len(self.envs), errors=self.close_envs())
         raise RuntimeError(f"Received unknown request {request!r}.")
+
+
+def _entries(reply: M.Reply | None) -> int:
+    """How many infos, errors and observations ``reply`` holds."""
+    if reply is None:
+        return 0
+    return len(reply.infos) + len(reply.errors) + len(reply.observations)
 
 
 def _call(env: Env[Any, Any], request: M.Call) -> Any:
@@ -546,7 +555,9 @@ def _build_envs(worker: Worker, env_fns: list[Callable[[], Env[Any, Any]]],
     if initial_reset is not None:
         publish, autoreset = initial_reset
         worker.phase(S.STATUS_RESETTING, start)
-        worker.slot = worker.doorbells.load(worker.line + S.SLOT)
+        # the slot of the latest command: the one whose results the reset stands in for
+        seq = worker.doorbells.load(worker.line + S.CMD_SEQ)
+        worker.slot = worker.doorbells.load(worker.plan.entry(worker.index, seq) + S.E_SLOT)
         reply = worker.reset_group([None] * len(worker.envs), None, None, publish)
         worker.autoreset = [autoreset] * len(worker.envs)
     # read before announcing readiness: the parent may ring as soon as it hears us
