@@ -549,3 +549,25 @@ def test_pickled_actions_reach_their_envs():
             if again:
                 envs.send(tuple(pair(i, len(got[i])) for i in again), again)
     assert got == expected
+
+
+def test_an_env_is_done_as_soon_as_its_results_are_in():
+    """Within one entry (one worker, one send) the first env comes back while the worker
+    still steps the second; a second send to the same worker queues behind the first."""
+    fns = [functools.partial(test_envs.SpaceEnv, spaces.Box(-1, 1, (2,)), index=i,
+                             delay=0.0 if i == 0 else 0.5) for i in range(3)]
+    with fastvec.AsyncVectorEnv(fns, batch_size=1, num_workers=1, context="fork") as envs:
+        envs.reset(seed=0)
+        start = time.monotonic()
+        envs.send(np.zeros(2, np.int64), [0, 1])
+        envs.send(np.zeros(1, np.int64), [2])  # queued: the worker is busy with env 1
+        _, _, _, _, infos = envs.recv()
+        assert infos["env_id"].tolist() == [0]
+        assert time.monotonic() - start < 0.4
+        _, _, _, _, infos = envs.recv()
+        assert infos["env_id"].tolist() == [1]
+        envs.send(np.zeros(1, np.int64), [0])  # behind env 2 in the queue
+        _, _, _, _, infos = envs.recv()
+        assert infos["env_id"].tolist() == [2]
+        _, _, _, _, infos = envs.recv()
+        assert infos["env_id"].tolist() == [0]

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PartialBatches"]
 
-# While a done env's reply is still in its pipe, the pipes are polled this often.
+# While a done env's reply is still in its pipe, the pipes are polled at least this often
+# (the worker also wakes the parent before and after sending a partial entry's reply).
 REPLY_POLL = 0.001
 
 
@@ -58,8 +59,9 @@ class PartialBatches:
         self.single_action_space = single_action_space
         self.same_step = autoreset_mode is AutoresetMode.SAME_STEP
         self.restart = restart
-        self.in_flight = np.zeros(n, np.bool_)
-        self.flying = 0  # envs in flight: in_flight.sum(), kept for the synchronous calls' check
+        # the envs in flight, oldest send first: envs found done in one scan come back in
+        # this order (a worker steps its queue in order, so it is theirs)
+        self.in_flight: dict[int, None] = {}
         self.awaiting: set[int] = set()
         self.ready: deque[int] = deque()
         self.infos: dict[int, dict[str, Any]] = {}
@@ -75,12 +77,12 @@ class PartialBatches:
     @property
     def outstanding(self) -> int:
         """Envs sent and not yet returned by :meth:`recv` (nor failed)."""
-        return self.flying + len(self.awaiting) + len(self.ready)
+        return len(self.in_flight) + len(self.awaiting) + len(self.ready)
 
     def busy(self, env_ids: Sequence[int]) -> list[int]:
         """Those of ``env_ids`` that are outstanding."""
         ready = set(self.ready) | self.awaiting
-        return [i for i in env_ids if self.in_flight[i] or i in ready]
+        return [i for i in env_ids if i in self.in_flight or i in ready]
 
     def env_ids(self, env_ids: Any) -> list[int]:
         """``env_ids`` checked (ints in range, no repeats); None: the envs of the last recv,
@@ -137,9 +139,7 @@ class PartialBatches:
         requests = (None if request is None
                     else {w: request(group) for w, group in by_worker.items()})
         self.pool.submit(command, by_worker, requests, self.slot)
-        for group in by_worker.values():
-            self.in_flight[group] = True
-            self.flying += len(group)
+        self.in_flight.update(dict.fromkeys(stepped))
 
     def _put_observation(self, i: int, obs: Any) -> None:
         layout = self._layout()
@@ -190,7 +190,7 @@ class PartialBatches:
         ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic() + WAIT_SLICE
-        while self.in_flight.any() or self.awaiting:
+        while self.in_flight or self.awaiting:
             completed = self.pool.completed
             self._collect(raise_errors=False)
             now = time.monotonic()
@@ -203,8 +203,7 @@ class PartialBatches:
         self.forget()
 
     def forget(self) -> None:
-        self.in_flight[:] = False
-        self.flying = 0
+        self.in_flight.clear()
         self.awaiting.clear()
         self.ready.clear()
         self.infos.clear()
@@ -214,11 +213,9 @@ class PartialBatches:
     def _collect(self, raise_errors: bool = True) -> None:
         """Move the envs whose done marks are set (and replies in) to the ready FIFO; raise
         the errors of the failed ones (the others stay ready)."""
-        flying = np.flatnonzero(self.in_flight).tolist()
-        if flying:
-            for i, has_reply in self.pool.finished(flying):
-                self.in_flight[i] = False
-                self.flying -= 1
+        if self.in_flight:
+            for i, has_reply in self.pool.finished(list(self.in_flight)):
+                del self.in_flight[i]
                 if has_reply:
                     self.awaiting.add(i)
                 else:
@@ -258,11 +255,10 @@ class PartialBatches:
             if i in self.awaiting:
                 self.awaiting.discard(i)
                 self.ready.append(i)
-            elif self.in_flight[i]:
+            elif i in self.in_flight:
                 # a later entry's reply, read with the one awaited: its envs were marked done
                 # before it was sent, so they are finished (their marks are not scanned again)
-                self.in_flight[i] = False
-                self.flying -= 1
+                del self.in_flight[i]
                 self.ready.append(i)
 
     def _check_workers(self) -> None:
@@ -293,10 +289,8 @@ class PartialBatches:
                 self.infos.pop(i, None)
                 if i in pipe_obs:
                     self.pipe_obs[i] = pipe_obs[i]
-                if self.in_flight[i] or i in self.awaiting or i in outstanding:
-                    if self.in_flight[i]:
-                        self.in_flight[i] = False
-                        self.flying -= 1
+                if i in self.in_flight or i in self.awaiting or i in outstanding:
+                    self.in_flight.pop(i, None)
                     self.awaiting.discard(i)
                     self.restarted[i] = info
                     if i not in outstanding:

@@ -1,8 +1,10 @@
 """The worker: runs one contiguous group of sub-environments over an already-bound plan.
 
-It waits on its doorbell in the segment. A step command reads each env's action from its
-row of the segment, steps the env (autoreset handled here) and writes observation, reward
-and flags back into the env's rows. Anything that is not fixed-size (a non-empty info, an
+It waits on its doorbell in the segment and serves, in order, every entry the parent put in
+its command queue since (see :mod:`fastvec._segment`). A step command reads each env's
+action from its row of the segment, steps the env (autoreset handled here) and writes
+observation, reward and flags back into the env's rows; a partial entry marks each env done
+as soon as it is. Anything that is not fixed-size (a non-empty info, an
 error, observations when ``shared_memory=False``, every other command's result) goes through
 the worker's pipe as one :class:`~fastvec._messages.Reply`, and only then.
 
@@ -170,8 +172,20 @@ class Worker:
             doorbells.store(self.line + S.DONE_SEQ, seq)
         if reply:
             # sent after the counter so a large reply can never deadlock the parent's wait
-            self.pipe.send_bytes(picklable_reply(reply, self.start))
+            data = picklable_reply(reply, self.start)
+            if partial:  # the parent may sleep on the count: it polls the pipe once woken
+                self.signal()
+            self.pipe.send_bytes(data)
+            if partial:
+                self.signal()
         return isinstance(request, M.Close)
+
+    def signal(self) -> None:
+        """Count one more completion and wake the parent if it sleeps on the count."""
+        doorbells = self.doorbells
+        doorbells.add(self.completed, 1)
+        if doorbells.load(self.waiting):
+            doorbells.wake(self.completed)
 
     def mark_done(self, env: int, has_reply: bool) -> None:
         """Env ``env``'s results are in the segment (a partial entry): mark it, count it and
@@ -179,9 +193,7 @@ class Worker:
         doorbells, mark = self.doorbells, self.plan.mark(env)
         doorbells.store(mark + S.HAS_REPLY, 1 if has_reply else 0)
         doorbells.add(mark + S.DONE, 1)
-        doorbells.add(self.completed, 1)
-        if doorbells.load(self.waiting):
-            doorbells.wake(self.completed)
+        self.signal()
 
     # -- commands ------------------------------------------------------------------------
     def observation_slot(self) -> Layout | None:
