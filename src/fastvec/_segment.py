@@ -2,9 +2,9 @@
 
 From the start: a header (magic, layout version, sizes and a digest of the whole geometry,
 checked by a worker before any use), one control line per worker and one for the parent
-(the words below), each worker's command queue, the per-env completion marks, the actions
-(one row per env and leaf), the step results (rewards, terminations, truncations) and the
-observation slots (each a whole batch). Every region is 64-byte aligned.
+(the words below), the actions (one row per env and leaf), the step results (rewards,
+terminations, truncations), each worker's command queue, the per-env completion marks and
+the observation slots (each a whole batch). Every region is 64-byte aligned.
 
 A worker's command queue is a ring of :data:`ENTRY` records (command, slot, first, count)
 and a ring of env ids, both ``queue_capacity`` long (a power of two at least the
@@ -92,9 +92,6 @@ class SegmentPlan:
         largest = -(-num_envs // num_workers)
         self.queue_capacity = 1 << (largest - 1).bit_length()
         self.queue_bytes = align(self.queue_capacity * (ENTRY + 4))
-        self.queues = control
-        self.marks = control + num_workers * self.queue_bytes
-        control = self.marks + align(MARK * num_envs)
         # Actions of a space with no layout (Graph, Sequence, an unregistered custom space)
         # travel pickled through the pipes, as in Gymnasium; the segment carries the rest.
         self.actions: Layout | None
@@ -110,6 +107,11 @@ class SegmentPlan:
         cursor += align(num_envs)
         self.truncations = cursor
         cursor += align(num_envs)
+        # after the step results: placed right after the control lines they shifted the hot
+        # regions and slowed the synchronous step by ~4% (CartPole, 32 envs, 2 workers)
+        self.queues = cursor
+        self.marks = cursor + num_workers * self.queue_bytes
+        cursor = self.marks + align(MARK * num_envs)
         # One full observation batch per slot; observations travel through the pipe if empty.
         # The slots come last, so the last one (a rarely used scratch slot) ends the segment
         # and its pages can be allocated only once it is needed.
