@@ -339,3 +339,53 @@ class SimulatorEnv(gym.Env):
 
     def step(self, action):
         return np.zeros(2, np.float32), 1.0, False, False, {}
+
+
+class JitterEnv(gym.Env):
+    """A deterministic env whose ``step`` sleeps a random 0..``jitter`` seconds, drawn from an
+    rng seeded by ``index`` alone (so envs finish in a shuffled order, yet every env's results
+    depend only on its seed and actions): for the partial-batch differential tests.
+
+    Observations are a Dict (a float64 position and a Discrete step count); episodes last
+    ``3 + index % 5`` steps and then terminate (even index) or truncate (odd); infos come on
+    every third step (a scalar and an array) and from every reset.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, index: int = 0, jitter: float = 0.003) -> None:
+        self.index = index
+        self.jitter = jitter
+        self.observation_space = spaces.Dict({
+            "pos": spaces.Box(-1e9, 1e9, (2,), np.float64),
+            "t": spaces.Discrete(1000),
+        })
+        self.action_space = spaces.Discrete(4)
+        self.sleeps = np.random.default_rng(1000 + index)
+        self.pos = np.zeros(2)
+        self.t = 0
+
+    def _obs(self) -> dict[str, Any]:
+        return {"pos": self.pos.copy(), "t": self.t}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.pos = self.np_random.normal(size=2)
+        self.t = 0
+        return self._obs(), {"start": float(self.pos[0])}
+
+    def step(self, action):
+        if self.jitter:
+            time.sleep(float(self.sleeps.uniform(0, self.jitter)))
+        self.t += 1
+        self.pos = self.pos + np.array([int(action) - 1.5, self.np_random.normal()])
+        end = self.t >= 3 + self.index % 5
+        info = {"steps": self.t, "pos": self.pos.copy()} if self.t % 3 == 0 else {}
+        return (self._obs(), float(self.pos[0]), end and self.index % 2 == 0,
+                end and self.index % 2 == 1, info)
+
+
+def jitter_fns(n: int, **kwargs: Any) -> list:
+    import functools
+
+    return [functools.partial(JitterEnv, index=i, **kwargs) for i in range(n)]

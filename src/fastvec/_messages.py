@@ -1,10 +1,12 @@
 """The wire protocol between the parent and a worker; both sides import it.
 
-A command starts with the doorbell in the worker's control line (:class:`Command` in its
-``CMD`` word). :attr:`Command.STEP` needs nothing more: the actions are in the segment. For
+A command is an entry in the worker's queue, announced by the doorbell in its control line
+(:class:`Command` in the entry's command word, with the env ids it is for).
+:attr:`Command.STEP` needs nothing more: the actions are in the segment. For
 :attr:`Command.REQUEST` the parent sends one request record through the worker's pipe. Every
 request is answered in one shape, :class:`Reply`, sent through the pipe only when it holds
-something (``INFO_PENDING`` tells the parent); a plain step answers with nothing at all.
+something (``INFO_PENDING`` tells the parent of a synchronous command, an env's
+``HAS_REPLY`` mark of a partial one); a plain step answers with nothing at all.
 
 A worker starts by sending :class:`Ready` or :class:`InitError` (the handshake); a worker that
 replaces a dead one sends the :class:`Reply` of its initial reset after :class:`Ready`.

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -250,6 +250,17 @@ class WorkerPool:
         plan.bind(res.segment, buffer)
         res.results = plan.result_arrays(buffer)
         self._pending = plan.parent_line + S.PENDING
+        self._completed = plan.parent_line + S.COMPLETED
+        # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
+        # its queue
+        self._seq = [0] * self.num_workers
+        self._doorbell = [plan.worker_line(w) + S.CMD_SEQ for w in range(self.num_workers)]
+        self._queues = [plan.queue(w) for w in range(self.num_workers)]
+        self._mask = plan.queue_capacity - 1
+        # partial entries: each env's expected done count, each worker's id-ring cursor
+        self._sent = [0] * plan.num_envs
+        self._id_cursor = [0] * self.num_workers
+        self._worker_of = [w for w, group in enumerate(self.groups) for _ in group]
 
     @property
     def results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -396,15 +407,17 @@ class WorkerPool:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
-        doorbells = self.doorbells
+        doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
         doorbells.store(self._pending, self.num_workers)
         for w in range(self.num_workers):
-            line = self.plan.worker_line(w)
-            doorbells.store(line + S.SLOT, slot)
-            doorbells.store(line + S.CMD, command)
-            doorbells.store(line + S.CMD_SEQ, (doorbells.load(line + S.CMD_SEQ) + 1) & 0xFFFFFFFF)
-            doorbells.wake(line + S.CMD_SEQ, 1)
+            seqs[w] = seq = (seqs[w] + 1) & 0xFFFFFFFF
+            entry = queues[w] + S.ENTRY * (seq & mask)
+            doorbells.store(entry + S.E_COMMAND, command)
+            doorbells.store(entry + S.E_SLOT, slot)
+            doorbell = self._doorbell[w]
+            doorbells.store(doorbell, seq)
+            doorbells.wake(doorbell, 1)
             if payloads is not None:
                 # after the doorbell: the worker is reading, so a message larger than the
                 # pipe's buffer cannot block us
@@ -466,6 +479,110 @@ class WorkerPool:
         if lost:
             self._replace_lost(name)
         return replies
+
+    # -- partial entries -------------------------------------------------------------------
+    def worker_of(self, env: int) -> int:
+        """The worker whose group holds ``env``."""
+        return self._worker_of[env]
+
+    @property
+    def lost(self) -> bool:
+        """Whether a worker was found dead and not yet replaced (``restart_workers``)."""
+        return bool(self._lost)
+
+    def split(self, env_ids: Sequence[int]) -> dict[int, list[int]]:
+        """``env_ids`` by worker, each worker's in the given order."""
+        by_worker: dict[int, list[int]] = {}
+        worker_of = self._worker_of
+        for i in env_ids:
+            by_worker.setdefault(worker_of[i], []).append(i)
+        return by_worker
+
+    def submit(self, command: M.Command, by_worker: dict[int, list[int]],
+               requests: dict[int, M.Request] | None = None, slot: int = 0) -> None:
+        """Queue one partial entry per worker for its envs in ``by_worker`` (and send its
+        request); each env is then marked done on its own (see :meth:`finished`)."""
+        payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
+                    if requests is not None else None)
+        doorbells, plan, sent = self.doorbells, self.plan, self._sent
+        for w, ids in by_worker.items():
+            first = self._id_cursor[w]
+            for k, i in enumerate(ids):
+                doorbells.store(plan.env_id(w, first + k), i)
+                sent[i] = (sent[i] + 1) & 0xFFFFFFFF
+            self._id_cursor[w] = (first + len(ids)) & 0xFFFFFFFF
+            self._seq[w] = seq = (self._seq[w] + 1) & 0xFFFFFFFF
+            entry = plan.entry(w, seq)
+            doorbells.store(entry + S.E_COMMAND, command | S.PARTIAL)
+            doorbells.store(entry + S.E_SLOT, slot)
+            doorbells.store(entry + S.E_FIRST, first)
+            doorbells.store(entry + S.E_COUNT, len(ids))
+            doorbells.store(self._doorbell[w], seq)
+            doorbells.wake(self._doorbell[w], 1)
+            if payloads is not None:
+                try:  # after the doorbell, as in ring
+                    self.resources.pipes[w].send_bytes(payloads[w])
+                except OSError:  # the worker is gone; the next check reports it
+                    self._mark_lost(w)
+
+    def finished(self, env_ids: Sequence[int]) -> list[tuple[int, bool]]:
+        """Those of ``env_ids`` (submitted, not yet seen done) whose results are in the
+        segment, with whether a reply of theirs is coming through the pipe."""
+        doorbells, mark, sent = self.doorbells, self.plan.mark, self._sent
+        return [(i, bool(doorbells.load(mark(i) + S.HAS_REPLY))) for i in env_ids
+                if doorbells.load(mark(i) + S.DONE) == sent[i]]
+
+    @property
+    def completed(self) -> int:
+        """The partial entries' completed-env counter (to wait on with :meth:`sleep`)."""
+        return self.doorbells.load(self._completed)
+
+    def sleep(self, completed: int, timeout: float) -> None:
+        """Sleep until an env completes after the count ``completed`` was read (or
+        ``timeout`` seconds)."""
+        doorbells, waiting = self.doorbells, self.plan.parent_line + S.WAITING
+        doorbells.store(waiting, 1)
+        try:
+            start = time.monotonic()
+            doorbells.wait_while_equal(self._completed, completed, timeout,
+                                       self._spin.budget(), True)
+            self._spin.record(time.monotonic() - start)
+        finally:
+            doorbells.store(waiting, 0)
+
+    def replies(self, workers: Iterable[int], restart: bool) -> list[M.Reply]:
+        """Every reply waiting in the pipes of ``workers``. A worker found dead raises
+        :class:`WorkerDiedError`, or with ``restart`` is left for :meth:`check_partial`."""
+        replies = []
+        self._restarting = restart and not self.closing
+        try:
+            for w in workers:
+                pipe = self.resources.pipes[w]
+                while w not in self._lost and pipe.poll(0):
+                    reply = self.recv(w)
+                    if reply is not None:
+                        replies.append(reply)
+        finally:
+            self._restarting = False
+        return replies
+
+    def check_partial(self, restart: bool) -> list[int]:
+        """Look for dead workers while partial entries are in flight: raise
+        :class:`WorkerDiedError`, or with ``restart`` replace them (their envs fresh, reset
+        into the line's slot; :attr:`replaced` holds the resets' replies) and return them."""
+        restart = restart and not self.closing
+        self._check_workers(restart)
+        if not self._lost:
+            return []
+        lost = sorted(self._lost)
+        if not restart:
+            self._worker_died(lost[0])
+        self._replace_lost("step")
+        doorbells, mark = self.doorbells, self.plan.mark
+        for w in lost:  # what was queued for the dead worker is gone: count from here
+            for i in self.groups[w]:
+                self._sent[i] = doorbells.load(mark(i) + S.DONE)
+        return lost
 
     def wait_starting(self, name: str, phase: str) -> list[M.Reply | None]:
         """:meth:`wait` for a command that is part of the start (the space check), bounded by

@@ -3,14 +3,27 @@
 From the start: a header (magic, layout version, sizes and a digest of the whole geometry,
 checked by a worker before any use), one control line per worker and one for the parent
 (the words below), the actions (one row per env and leaf), the step results (rewards,
-terminations, truncations) and the observation slots (each a whole batch). Every region is
-64-byte aligned.
+terminations, truncations), each worker's command queue, the per-env completion marks and
+the observation slots (each a whole batch). Every region is 64-byte aligned.
+
+A worker's command queue is a ring of :data:`ENTRY` records (command, slot, first, count)
+and a ring of env ids, both ``queue_capacity`` long (a power of two at least the
+largest group): the parent publishes entry ``seq`` at ``seq % capacity`` and then sets the
+worker's ``CMD_SEQ`` to ``seq``. An entry's envs are the ``count`` ids from position ``first``
+of the id ring. Each in-flight env belongs to exactly one unfinished entry, so neither ring can
+overflow. A synchronous entry covers the whole group and is finished when the
+parent's ``PENDING`` counter reaches 0; a partial entry (:data:`PARTIAL` in its command
+word) marks each env done on its own: the
+worker sets the env's ``HAS_REPLY`` mark (an info, an error or a pipe observation is coming
+in the entry's reply), increments its ``DONE`` mark and the parent's ``COMPLETED`` counter,
+and wakes the parent if its ``WAITING`` word is set.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -19,18 +32,16 @@ from gymnasium.error import CustomSpaceError
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 # magic, layout version, num_envs, num_workers, layout digest, total bytes
 HEADER = struct.Struct("<QIIIIQ")
 
 LINE = ALIGNMENT
 # Offsets inside one worker's control line.
-CMD_SEQ = 0
-CMD = 4
+CMD_SEQ = 0  # the last entry published to the worker's queue (its doorbell)
 # What the worker is doing while it starts (STATUS_*), read by the parent on a start timeout.
 STATUS = 8
 INFO_PENDING = 12
-SLOT = 16  # which observation slot the command writes
 # The last cmd_seq the worker finished, stored after it decremented `pending`: lets the parent
 # tell which workers are done when a dead worker will never decrement the counter.
 DONE_SEQ = 20
@@ -38,8 +49,24 @@ DONE_SEQ = 20
 PERMIT = 24
 # The env that STATUS_BUILDING or STATUS_RESETTING is about.
 STATUS_ENV = 28
-# Offset of the parent's pending counter inside its line.
+# Offsets inside the parent's line: the synchronous commands' pending-worker counter, the
+# partial entries' completed-env counter, and whether the parent sleeps on it.
 PENDING = 0
+COMPLETED = 4
+WAITING = 8
+
+# One queue entry: command (with PARTIAL or-ed in for a partial entry), observation slot,
+# first id position, env count.
+ENTRY = 16
+E_COMMAND = 0
+E_SLOT = 4
+E_FIRST = 8
+E_COUNT = 12
+PARTIAL = 0x100
+# One env's completion marks: its done counter, and whether its result comes with a reply.
+MARK = 8
+DONE = 0
+HAS_REPLY = 4
 
 # Starting up and attaching the segment (the parent clears the word before a launch).
 STATUS_STARTING = 0
@@ -62,6 +89,9 @@ class SegmentPlan:
         self.num_envs = num_envs
         self.num_workers = num_workers
         control = LINE * (2 + num_workers)
+        largest = -(-num_envs // num_workers)
+        self.queue_capacity = 1 << (largest - 1).bit_length()
+        self.queue_bytes = align(self.queue_capacity * (ENTRY + 4))
         # Actions of a space with no layout (Graph, Sequence, an unregistered custom space)
         # travel pickled through the pipes, as in Gymnasium; the segment carries the rest.
         self.actions: Layout | None
@@ -77,6 +107,11 @@ class SegmentPlan:
         cursor += align(num_envs)
         self.truncations = cursor
         cursor += align(num_envs)
+        # after the step results: placed right after the control lines they shifted the hot
+        # regions and slowed the synchronous step by ~4% (CartPole, 32 envs, 2 workers)
+        self.queues = cursor
+        self.marks = cursor + num_workers * self.queue_bytes
+        cursor = self.marks + align(MARK * num_envs)
         # One full observation batch per slot; observations travel through the pipe if empty.
         # The slots come last, so the last one (a rarely used scratch slot) ends the segment
         # and its pages can be allocated only once it is needed.
@@ -89,10 +124,11 @@ class SegmentPlan:
                 cursor += layout.nbytes
         self.nbytes = cursor
         # Every offset, dtype and shape: two plans that place anything differently differ here.
-        geometry = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
+        geometry: list[tuple[Any, ...]] = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
                     for layout in (self.actions, *self.observation_slots)
                     if layout is not None for leaf in layout.leaves]
-        geometry.append((self.rewards, self.terminations, self.truncations, self.nbytes))
+        geometry.append((self.queues, self.queue_capacity, self.marks, self.rewards,
+                         self.terminations, self.truncations, self.nbytes))
         self.digest = zlib.crc32(repr(geometry).encode())
 
     def bind(self, segment, buffer) -> None:
@@ -119,6 +155,24 @@ class SegmentPlan:
     @property
     def parent_line(self) -> int:
         return LINE * (1 + self.num_workers)
+
+    def entry(self, worker: int, seq: int) -> int:
+        """Offset of queue entry ``seq`` of ``worker``."""
+        return self.queue(worker) + ENTRY * (seq % self.queue_capacity)
+
+    def queue(self, worker: int) -> int:
+        """Offset of ``worker``'s first queue entry (entry ``seq`` is at
+        ``queue + ENTRY * (seq % queue_capacity)``)."""
+        return self.queues + worker * self.queue_bytes
+
+    def env_id(self, worker: int, position: int) -> int:
+        """Offset of the word at ``position`` of ``worker``'s ring of env ids."""
+        return (self.queues + worker * self.queue_bytes + ENTRY * self.queue_capacity
+                + 4 * (position % self.queue_capacity))
+
+    def mark(self, env: int) -> int:
+        """Offset of env ``env``'s completion marks (``+ DONE``, ``+ HAS_REPLY``)."""
+        return self.marks + MARK * env
 
     def write_header(self, buffer) -> None:
         HEADER.pack_into(buffer, 0, MAGIC, LAYOUT_VERSION, self.num_envs, self.num_workers,

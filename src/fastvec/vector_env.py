@@ -34,6 +34,7 @@ from gymnasium.vector.utils import (
 )
 
 from fastvec import _messages as M
+from fastvec._partial import PartialBatches
 from fastvec._pool import WorkerPool, default_num_workers, finalize, usable_cores
 from fastvec._remote_errors import EnvError, raise_logged
 from fastvec._segment import SegmentPlan
@@ -136,6 +137,25 @@ class AsyncVectorEnv(VectorEnv):
         what it was doing, after ending every worker and freeing the segment; a replacement
         that slow breaks the vector env (:class:`~fastvec.errors.WorkerDiedError`). Default
         600 s; ``None`` waits forever.
+    batch_size
+        How many envs :meth:`recv` returns: the first ``batch_size`` to finish. Default
+        ``num_envs``: ``step`` and ``reset`` are Gymnasium's, synchronous, unchanged. With
+        fewer, :meth:`step` is EnvPool's ``step(actions, env_id)`` (``send`` then ``recv``).
+        Partial batches (EnvPool's shape) work with any ``batch_size``: :meth:`async_reset`,
+        :meth:`send` and :meth:`recv`; with ``num_envs = 2 * batch_size`` this is double
+        buffering, the policy computing one half's actions while the workers step the
+        other::
+
+            envs = AsyncVectorEnv(env_fns, batch_size=len(env_fns) // 2)
+            envs.async_reset(seed=0)
+            while training:
+                obs, rewards, terminations, truncations, infos = envs.recv()
+                envs.send(policy(obs), infos["env_id"])
+
+        While envs are in flight (sent, not yet received) every synchronous call (``reset``,
+        ``step_async``, ``call``, ``get_attr``, ``set_attr``...) raises
+        ``AlreadyPendingCallError``; ``close`` waits for them (up to its ``timeout``) and
+        drops their results.
 
     Notes
     -----
@@ -169,6 +189,7 @@ class AsyncVectorEnv(VectorEnv):
         pin_workers: bool | None = None,
         restart_workers: bool = False,
         start_timeout: float | None = DEFAULT_START_TIMEOUT,
+        batch_size: int | None = None,
     ) -> None:
         self._state = AsyncState.DEFAULT
         self.restart_workers = bool(restart_workers)
@@ -219,6 +240,15 @@ class AsyncVectorEnv(VectorEnv):
                 f"got {num_workers!r}."
             )
         self.num_workers = int(num_workers)
+        if batch_size is None:
+            batch_size = self.num_envs
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                or not 1 <= batch_size <= self.num_envs):
+            raise ValueError(
+                f"`batch_size` must be an integer in [1, num_envs={self.num_envs}], "
+                f"got {batch_size!r}."
+            )
+        self.batch_size = int(batch_size)
         self.pin_workers = (self.num_workers == usable_cores() if pin_workers is None
                             else bool(pin_workers))
 
@@ -285,6 +315,9 @@ class AsyncVectorEnv(VectorEnv):
             pin_workers=self.pin_workers, restart_workers=self.restart_workers,
             start_timeout=self.start_timeout)
         self._groups = pool.groups
+        self._partial = PartialBatches(pool, self.single_observation_space,
+                                       self.single_action_space, self.autoreset_mode,
+                                       self.restart_workers)
         try:
             pool.start()
         except _UNREGISTERED as exc:
@@ -348,12 +381,21 @@ class AsyncVectorEnv(VectorEnv):
             raise_logged(errors)
 
     def _assert_not_pending(self, method: str, end: str = ".") -> None:
-        """Gymnasium's ``AlreadyPendingCallError`` if a call is pending (its wording, too)."""
+        """Gymnasium's ``AlreadyPendingCallError`` if a call is pending (its wording, too),
+        or if envs sent with ``send``/``async_reset`` have not all been received."""
         if self._state != AsyncState.DEFAULT:
             raise AlreadyPendingCallError(
                 f"Calling `{method}` while waiting for a pending call to "
                 f"`{self._state.value}` to complete{end}",
                 str(self._state.value),
+            )
+        outstanding = self._partial.outstanding
+        if outstanding:
+            busy = self._partial.busy(range(self.num_envs))
+            raise AlreadyPendingCallError(
+                f"Calling `{method}` while {outstanding} envs sent with `send` or "
+                f"`async_reset` have not been received (envs {busy}): `recv` them first.",
+                "recv",
             )
 
     def _assert_pending(self, state: AsyncState, method: str, start: str) -> None:
@@ -382,16 +424,9 @@ class AsyncVectorEnv(VectorEnv):
                     options: dict[str, Any] | None = None) -> None:
         """Send the reset to the workers; :meth:`reset_wait` collects it."""
         self._assert_is_running()
-        if seed is None:
-            seed = [None] * self.num_envs
-        elif isinstance(seed, int):
-            seed = [seed + i for i in range(self.num_envs)]
-        if len(seed) != self.num_envs:
-            raise ValueError(
-                f"If seeds are passed as a list the length must match num_envs={self.num_envs}"
-                f" but got length={len(seed)}."
-            )
+        seed = self._seeds(seed)
         self._assert_not_pending("reset_async", end="")
+        self._partial.stale.clear()  # a replaced worker's idle envs are reset here anyway
         mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)
@@ -429,15 +464,136 @@ class AsyncVectorEnv(VectorEnv):
         self._assert_pending(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
         replies = self._wait(timeout, "reset")
         self._state = AsyncState.DEFAULT
+        self._partial.last_ids = None
         infos, errors = self._merge_replies(replies)
         self._raise_errors(errors)
         return self._observations(), infos
 
+    def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
+        if seed is None:
+            return [None] * self.num_envs
+        if isinstance(seed, int):
+            return [seed + i for i in range(self.num_envs)]
+        if len(seed) != self.num_envs:
+            raise ValueError(
+                f"If seeds are passed as a list the length must match num_envs={self.num_envs}"
+                f" but got length={len(seed)}."
+            )
+        return list(seed)
+
     # -- step ------------------------------------------------------------------------------
-    def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
-        """Step every sub-environment with its action from the batch ``actions``."""
-        self.step_async(actions)
-        return self.step_wait()
+    def step(self, actions: Any, env_ids: Any = None
+             ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Step every sub-environment with its action from the batch ``actions``.
+
+        With ``batch_size < num_envs`` (or ``env_ids`` given) this is EnvPool's
+        ``step(actions, env_id)``: exactly ``send(actions, env_ids)`` then ``recv()``, so it
+        returns the first ``batch_size`` envs to finish (``infos["env_id"]``), not
+        necessarily those just sent; ``env_ids=None`` means the envs of the last ``recv``
+        (every env if there was none since the last ``reset``/``step``).
+        """
+        if env_ids is None and self.batch_size == self.num_envs:
+            self.step_async(actions)
+            return self.step_wait()
+        self.send(actions, env_ids)
+        return self.recv()
+
+    # -- partial batches ---------------------------------------------------------------------
+    def send(self, actions: Any, env_ids: Any = None) -> None:
+        """Send one action to each env of ``env_ids`` and return at once (:meth:`recv`
+        collects the results).
+
+        Parameters
+        ----------
+        actions
+            A batch of ``len(env_ids)`` actions, in the order of ``env_ids``.
+        env_ids
+            The envs to step (ints). Default: the envs of the last :meth:`recv` (every env
+            if there was none since the last ``reset``/``step``), which makes
+            ``envs.send(policy(obs), info["env_id"])`` and ``envs.send(policy(obs))`` the same.
+
+        An env that was sent and not yet received (in flight), an unknown or repeated env id
+        and an action batch of the wrong size raise here, before any worker sees the batch.
+        """
+        self._assert_is_running()
+        self._assert_no_call("send")
+        partial = self._partial
+        ids = partial.env_ids(env_ids)
+        busy = partial.busy(ids)
+        if busy:
+            raise AlreadyPendingCallError(
+                f"Calling `send` for envs {busy}, which are still in flight (sent and not yet "
+                "returned by `recv`).", "recv")
+        per_env = partial.split_actions(actions, ids)
+        layout = self._plan.actions
+        request: Callable[[list[int]], M.Request] | None = None
+        if layout is None:  # pickled, as in step_async
+            action_of = dict(zip(ids, per_env, strict=True))
+
+            def request(group: list[int]) -> M.Request:
+                return M.Step([action_of[i] for i in group])
+
+            command = M.Command.REQUEST
+        else:
+            for i, action in zip(ids, per_env, strict=True):
+                try:
+                    layout.write_row(action, i)
+                except ValueError as exc:
+                    raise invalid_actions(f"env {i}: {exc}", ValueError) from None
+            command = M.Command.STEP
+        slot = partial.slot if partial.outstanding else self._choose_slot()
+        partial.send(command, ids, slot, request)
+
+    def async_reset(self, seed: int | list[int | None] | None = None,
+                    options: dict[str, Any] | None = None) -> None:
+        """Start a reset of every env and return at once; :meth:`recv` returns the envs as
+        they finish (reward 0, both flags False, the reset's infos). No env may be in flight.
+
+        ``seed`` and ``options`` are as for :meth:`reset` (no ``reset_mask``).
+        """
+        self._assert_is_running()
+        seeds = self._seeds(seed)
+        if options is not None and "reset_mask" in options:
+            raise ValueError("`async_reset` resets every env: `options['reset_mask']` is for "
+                             "`reset`.")
+        self._assert_not_pending("async_reset")
+        def request(group: list[int]) -> M.Request:
+            return M.Reset([seeds[i] for i in group], options, None)
+
+        self._partial.send(M.Command.REQUEST, list(range(self.num_envs)), self._choose_slot(),
+                           request, reset=True)
+
+    def recv(self, timeout: float | None = None
+             ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """The results of the first ``batch_size`` envs to finish since they were sent.
+
+        Returns ``(observations, rewards, terminations, truncations, infos)`` over those
+        envs' rows, with ``infos["env_id"]`` (an int array) naming the env of each row and
+        the infos batched the Gymnasium way over the rows. Fewer rows come back only when
+        fewer than ``batch_size`` envs are outstanding. The rows of a partial batch are not
+        contiguous in the segment, so the observations are always copies (``copy=False``
+        does not make views here).
+
+        A sub-env that raised is logged and raised here (naming its env id); the other
+        finished envs stay for the next ``recv``. On ``multiprocessing.TimeoutError`` (after
+        ``timeout`` seconds) nothing is taken: the envs stay in flight. With
+        ``restart_workers=True`` the envs of a replaced worker come back truncated, reward 0,
+        with info ``worker_restarted``.
+        """
+        self._assert_is_running()
+        self._assert_no_call("recv")
+        if not self._partial.outstanding:
+            raise NoAsyncCallError(
+                "Calling `recv` without any env sent by `send` or `async_reset`.", "recv")
+        obs, rewards, terminations, truncations, infos = self._partial.recv(
+            self.batch_size, timeout)
+        return obs, rewards, terminations, truncations, infos
+
+    def _assert_no_call(self, method: str) -> None:
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `{method}` while waiting for a pending call to "
+                f"`{self._state.value}` to complete.", str(self._state.value))
 
     def step_async(self, actions: Any) -> None:
         """Write the action batch into the segment and wake the workers.
@@ -488,6 +644,7 @@ class AsyncVectorEnv(VectorEnv):
         self._assert_pending(AsyncState.WAITING_STEP, "step_wait", "step_async")
         replies = self._wait(timeout, "step")
         self._state = AsyncState.DEFAULT
+        self._partial.last_ids = None
         infos, errors = self._merge_replies(replies)
         replaced, self._pool.replaced = self._pool.replaced, []
         if replaced:
@@ -644,6 +801,18 @@ class AsyncVectorEnv(VectorEnv):
         pool.closing = True  # a worker that dies now is not replaced
         timeout = 0 if terminate else timeout
         healthy = pool.broken is None and pool.resources.shm is not None
+        if healthy and not terminate and self._partial.outstanding:
+            logger.warn(
+                f"Calling `close` while {self._partial.outstanding} envs sent with `send` or "
+                "`async_reset` have not been received: their results are dropped."
+            )
+            try:
+                self._partial.drain(timeout)
+            except multiprocessing.TimeoutError:
+                terminate = True
+            except WorkerDiedError:
+                healthy = False
+        self._partial.forget()
         try:
             if healthy and self._state != AsyncState.DEFAULT:
                 logger.warn(

@@ -1,8 +1,10 @@
 """The worker: runs one contiguous group of sub-environments over an already-bound plan.
 
-It waits on its doorbell in the segment. A step command reads each env's action from its
-row of the segment, steps the env (autoreset handled here) and writes observation, reward
-and flags back into the env's rows. Anything that is not fixed-size (a non-empty info, an
+It waits on its doorbell in the segment and serves, in order, every entry the parent put in
+its command queue since (see :mod:`fastvec._segment`). A step command reads each env's
+action from its row of the segment, steps the env (autoreset handled here) and writes
+observation, reward and flags back into the env's rows; a partial entry marks each env done
+as soon as it is. Anything that is not fixed-size (a non-empty info, an
 error, observations when ``shared_memory=False``, every other command's result) goes through
 the worker's pipe as one :class:`~fastvec._messages.Reply`, and only then.
 
@@ -71,7 +73,14 @@ class Worker:
         self.semaphore = semaphore
         self.spin = SpinBudget()
         self.line = plan.worker_line(index)
+        self.queue = plan.queue(index)
+        self.queue_mask = plan.queue_capacity - 1
         self.pending = plan.parent_line + S.PENDING
+        self.completed = plan.parent_line + S.COMPLETED
+        self.waiting = plan.parent_line + S.WAITING
+        # the entry being served: its observation slot and, for a partial entry, its env ids
+        self.slot = 0
+        self.ids: list[int] | None = None
         plan.check_header(buffer)  # before any use: only our parent's segment will do
         self.doorbells = Doorbells(buffer)
         self.segment = Segment(buffer)
@@ -114,7 +123,8 @@ class Worker:
         """Serve commands until ``close`` (True) or the parent's death (False).
 
         ``seq`` is the last command sequence seen; ``parent_alive`` is checked whenever a
-        wait slice passes without a command.
+        wait slice passes without a command. Every entry published since ``seq`` is served,
+        in order.
         """
         doorbells = self.doorbells
         seq_offset = self.line + S.CMD_SEQ
@@ -128,41 +138,83 @@ class Worker:
                 if not parent_alive():
                     return False
             self.spin.record(time.monotonic() - idle_since)
-            seq = doorbells.load(seq_offset)
-            if self.serve(seq):
-                return True
+            published = doorbells.load(seq_offset)
+            while seq != published:
+                seq = (seq + 1) & 0xFFFFFFFF
+                if self.serve(seq):
+                    return True
 
     def serve(self, seq: int) -> bool:
-        """Carry out the command rung with sequence ``seq``; True if it was ``close``."""
+        """Carry out queue entry ``seq``; True if it was ``close``."""
         doorbells = self.doorbells
+        entry = self.queue + S.ENTRY * (seq & self.queue_mask)
+        command = doorbells.load(entry + S.E_COMMAND)
+        self.slot = doorbells.load(entry + S.E_SLOT)
+        partial = command & S.PARTIAL != 0
+        ids: list[int] | None = None
+        if partial:
+            first, id_word = doorbells.load(entry + S.E_FIRST), self.plan.env_id
+            ids = [doorbells.load(id_word(self.index, first + k))
+                   for k in range(doorbells.load(entry + S.E_COUNT))]
+        self.ids = ids
         request: M.Request | None = None
-        if doorbells.load(self.line + S.CMD) == M.Command.STEP:
+        if command & ~S.PARTIAL == M.Command.STEP:
             reply = self.step_group()
         else:
             request = self.pipe.recv()
             reply = self.handle(request)
-        doorbells.store(self.line + S.INFO_PENDING, 1 if reply else 0)
-        if doorbells.add(self.pending, -1) == 0:
-            doorbells.wake(self.pending)
-        doorbells.store(self.line + S.DONE_SEQ, seq)
+        if partial:
+            doorbells.store(self.line + S.DONE_SEQ, seq)
+        else:
+            doorbells.store(self.line + S.INFO_PENDING, 1 if reply else 0)
+            if doorbells.add(self.pending, -1) == 0:
+                doorbells.wake(self.pending)
+            doorbells.store(self.line + S.DONE_SEQ, seq)
         if reply:
             # sent after the counter so a large reply can never deadlock the parent's wait
-            self.pipe.send_bytes(picklable_reply(reply, self.start))
+            data = picklable_reply(reply, self.start)
+            if partial:  # the parent may sleep on the count: it polls the pipe once woken
+                self.signal()
+            self.pipe.send_bytes(data)
+            if partial:
+                self.signal()
         return isinstance(request, M.Close)
+
+    def signal(self) -> None:
+        """Count one more completion and wake the parent if it sleeps on the count."""
+        doorbells = self.doorbells
+        doorbells.add(self.completed, 1)
+        if doorbells.load(self.waiting):
+            doorbells.wake(self.completed)
+
+    def mark_done(self, env: int, has_reply: bool) -> None:
+        """Env ``env``'s results are in the segment (a partial entry): mark it, count it and
+        wake the parent if it sleeps on the count."""
+        doorbells, mark = self.doorbells, self.plan.mark(env)
+        doorbells.store(mark + S.HAS_REPLY, 1 if has_reply else 0)
+        doorbells.add(mark + S.DONE, 1)
+        self.signal()
 
     # -- commands ------------------------------------------------------------------------
     def observation_slot(self) -> Layout | None:
         """The observation slot the current command writes (None: observations go by pipe)."""
         slots = self.plan.observation_slots
-        return slots[self.doorbells.load(self.line + S.SLOT)] if slots else None
+        return slots[self.slot] if slots else None
+
+    def env_indices(self) -> list[int] | range:
+        """The batch indices of the current entry's envs (the whole group unless partial)."""
+        if self.ids is not None:
+            return self.ids
+        return range(self.start, self.start + len(self.envs))
 
     def step_group(self, pickled_actions: list[Any] | None = None) -> M.Reply | None:
-        """Step every env of the group; ``pickled_actions``: the group's actions when the
-        action space has no layout (else each env's is read from its row)."""
+        """Step the current entry's envs (the whole group unless partial); ``pickled_actions``:
+        their actions, in that order, when the action space has no layout (else each env's
+        is read from its row). A partial entry marks each env done as soon as it is."""
         # the per-step hot path: locals hoisted, kernels called directly on the fast path
         segment = self.segment
         action_root = self.plan.actions.root if self.plan.actions is not None else None
-        pickled: list[Any] = pickled_actions if pickled_actions is not None else []
+        pickled: Any = pickled_actions if pickled_actions is not None else []
         observations = self.observation_slot()
         obs_root = observations.root if observations is not None else None
         read_row, write_row = _kernels.read_row, _kernels.write_row
@@ -173,10 +225,17 @@ class Worker:
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
         last_obs = self.last_obs
+        start, ids = self.start, self.ids
+        partial = ids is not None
+        order: Any = enumerate(self.envs)  # (group index, env)
+        if ids is not None:
+            order = [(i - start, self.envs[i - start]) for i in ids]
+            if pickled_actions is not None:  # in entry order: index them by group index
+                pickled = dict(zip([i - start for i in ids], pickled_actions, strict=True))
         reply: M.Reply | None = None
-        i = self.start - 1
-        for j, env in enumerate(self.envs):
-            i += 1
+        noted = 0  # a partial entry's reply entries so far
+        for j, env in order:
+            i = start + j
             # what the env returned once it has (errors after that are in storing it)
             result = NOT_RETURNED
             try:
@@ -221,23 +280,31 @@ class Worker:
                 if reply is None:
                     reply = M.Reply()
                 reply.errors.append(env_error(exc, i, result))
-                continue
-            if info:
-                if reply is None:
-                    reply = M.Reply()
-                reply.infos.append((i, info))
+            else:
+                if info:
+                    if reply is None:
+                        reply = M.Reply()
+                    reply.infos.append((i, info))
+            if partial:
+                before, noted = noted, _entries(reply)
+                self.mark_done(i, noted != before)
         return reply
 
     def reset_group(self, seeds: list[int | None], options: dict[str, Any] | None,
                     mask: list[bool] | None, publish: bool = True) -> M.Reply:
-        """Reset the envs (those in ``mask``); ``publish=False`` keeps the observations here."""
+        """Reset the current entry's envs (those in ``mask``; one seed each, in entry order);
+        ``publish=False`` keeps the observations here. A partial entry writes each env's
+        reward 0 and flags False and marks it done as soon as it is."""
         reply = M.Reply()
         observations = self.observation_slot() if publish else None
-        for j, env in enumerate(self.envs):
-            i = self.start + j
+        partial = self.ids is not None
+        for k, i in enumerate(self.env_indices()):
+            j = i - self.start
+            env = self.envs[j]
+            noted = _entries(reply)
             # which env a start-up reset was on, should it hang there (see worker_main)
             self.doorbells.store(self.line + S.STATUS_ENV, i)
-            if mask is not None and not mask[j]:
+            if mask is not None and not mask[k]:
                 # an env left alone keeps its observation, whichever slot this reset writes
                 if observations is None:
                     reply.observations.append((i, self.last_obs[j]))
@@ -250,7 +317,7 @@ class Worker:
                     self.semaphore.acquire()
                     self.doorbells.store(self.line + S.PERMIT, 1)
                 try:
-                    result = env.reset(seed=seeds[j], options=options)
+                    result = env.reset(seed=seeds[k], options=options)
                     obs, info = result
                 finally:
                     if self.semaphore is not None:
@@ -264,11 +331,14 @@ class Worker:
                     reply.observations.append((i, obs))
                 if type(info) is not dict and not isinstance(info, Mapping):
                     raise NotADictError(info)
+                if info:
+                    reply.infos.append((i, info))
             except Exception as exc:
                 reply.errors.append(env_error(exc, i, result, step=False))
-                continue
-            if info:
-                reply.infos.append((i, info))
+            if partial:
+                self.rewards[i] = 0.0
+                self.terminations[i] = self.truncations[i] = False
+                self.mark_done(i, noted != _entries(reply))
         return reply
 
     def per_env(self, fn: Callable[[int, Env[Any, Any]], Any]) -> M.Reply:
@@ -298,6 +368,13 @@ class Worker:
         if isinstance(request, M.Close):
             return M.Reply(results=[None] * len(self.envs), errors=self.close_envs())
         raise RuntimeError(f"Received unknown request {request!r}.")
+
+
+def _entries(reply: M.Reply | None) -> int:
+    """How many infos, errors and observations ``reply`` holds."""
+    if reply is None:
+        return 0
+    return len(reply.infos) + len(reply.errors) + len(reply.observations)
 
 
 def _call(env: Env[Any, Any], request: M.Call) -> Any:
@@ -490,6 +567,9 @@ def _build_envs(worker: Worker, env_fns: list[Callable[[], Env[Any, Any]]],
     if initial_reset is not None:
         publish, autoreset = initial_reset
         worker.phase(S.STATUS_RESETTING, start)
+        # the slot of the latest command: the one whose results the reset stands in for
+        seq = worker.doorbells.load(worker.line + S.CMD_SEQ)
+        worker.slot = worker.doorbells.load(worker.plan.entry(worker.index, seq) + S.E_SLOT)
         reply = worker.reset_group([None] * len(worker.envs), None, None, publish)
         worker.autoreset = [autoreset] * len(worker.envs)
     # read before announcing readiness: the parent may ring as soon as it hears us
