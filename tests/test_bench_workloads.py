@@ -286,7 +286,10 @@ def test_double_buffered_loop_sends_each_policy_output_to_the_envs_it_was_comput
 
 def test_the_double_buffered_row_appears_only_when_fastvec_has_recv(monkeypatch):
     policy = WORKLOADS["policy"]
-    assert contenders(WORKLOADS["compute"], 8, ["fastvec"]) == [Contender("fastvec", "fastvec")]
+    assert contenders(WORKLOADS["cartpole"], 8, ["fastvec"]) == [Contender("fastvec", "fastvec")]
+    # a workload with a ceiling also times fastvec's partial batches
+    assert contenders(WORKLOADS["compute"], 8, ["fastvec"]) == [
+        Contender("fastvec", "fastvec"), Contender("fastvec-partial", "fastvec", "partial", 4)]
     rows = contenders(policy, 16, ["fastvec", "gym-sync"])
     has_recv = hasattr(fastvec.AsyncVectorEnv, "recv")
     assert (DOUBLE_BUFFERED in [r.label for r in rows]) == has_recv

@@ -67,3 +67,28 @@ def test_atari_pong_example_fills_its_rollout_buffer() -> None:
     assert rollout.obs.any(axis=(2, 3, 4)).all()
     assert not np.array_equal(rollout.obs[1], rollout.obs[6])
     assert rollout.actions.shape == (6, 2) and rollout.rewards.shape == (6, 2)
+
+
+def test_double_buffering_example_steps_each_env_as_if_alone() -> None:
+    import gymnasium as gym
+
+    example = _load("double_buffering")
+    double, synchronous = example.main(num_envs=4, env_steps=600)
+    assert double.env_steps >= 600 and synchronous.env_steps >= 600
+    assert double.rate > 0 and synchronous.rate > 0
+    assert sorted(double.transitions) == [0, 1, 2, 3]
+    # every env's observations and rewards are those of the same env stepped alone with the
+    # same actions (NEXT_STEP autoreset: the step after an episode's end resets it)
+    for env_id, transitions in double.transitions.items():
+        env = gym.make("CartPole-v1")
+        obs, _ = env.reset(seed=env_id)
+        reward, autoreset = 0.0, False
+        for seen_obs, action, seen_reward in transitions:
+            np.testing.assert_array_equal(seen_obs, obs)
+            assert seen_reward == reward
+            if autoreset:
+                (obs, _), reward, autoreset = env.reset(), 0.0, False
+            else:
+                obs, reward, terminated, truncated, _ = env.step(action)
+                autoreset = bool(terminated or truncated)
+        env.close()
