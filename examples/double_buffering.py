@@ -62,7 +62,7 @@ def collect_double_buffered(envs: fastvec.AsyncVectorEnv, policy: Policy,
     start = time.perf_counter()
     envs.async_reset(seed=0)
     while out.env_steps < env_steps:
-        obs, rewards, terminations, truncations, infos = envs.recv()
+        obs, rewards, _, _, infos = envs.recv()
         env_ids = infos["env_id"]
         actions = policy(obs)
         envs.send(actions, env_ids)

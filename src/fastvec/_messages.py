@@ -15,6 +15,7 @@ replaces a dead one sends the :class:`Reply` of its initial reset after :class:`
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ __all__ = [
     "Reset",
     "SetAttr",
     "Step",
+    "as_dict",
 ]
 
 
@@ -104,7 +106,7 @@ class Reply:
     """
 
     results: list[Any] | None = None
-    infos: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    infos: list[tuple[int, Mapping[str, Any]]] = field(default_factory=list)
     errors: list[EnvError] = field(default_factory=list)
     observations: list[tuple[int, Any]] = field(default_factory=list)
 
@@ -113,12 +115,18 @@ class Reply:
                     or self.observations)
 
 
+def as_dict(info: Mapping[str, Any]) -> dict[str, Any]:
+    """An env's info as the dict Gymnasium's info batching takes (a copy only if it is
+    another kind of mapping)."""
+    return info if isinstance(info, dict) else dict(info)
+
+
 class Ready(NamedTuple):
     """The worker built its envs and serves commands."""
 
 
 class InitError(NamedTuple):
-    """The worker could not start: attaching the segment or building env ``error.index``
+    """The worker could not start: attaching the segment or building env ``error.env``
     raised."""
 
     error: EnvError

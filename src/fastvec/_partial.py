@@ -235,7 +235,7 @@ class PartialBatches:
                 raise_logged(errors)
             except Exception as exc:
                 if hasattr(exc, "add_note"):  # Python 3.11+
-                    exc.add_note(f"raised by env {errors[-1].index} in a partial batch; it is "
+                    exc.add_note(f"raised by env {errors[-1].env} in a partial batch; it is "
                                  "no longer in flight (the other finished envs stay for the "
                                  "next `recv`)")
                 raise
@@ -243,11 +243,11 @@ class PartialBatches:
     def _absorb(self, reply: M.Reply) -> None:
         envs: set[int] = set()
         for i, info in reply.infos:
-            self.infos[i] = info
+            self.infos[i] = M.as_dict(info)
             envs.add(i)
         for error in reply.errors:
-            self.errors[error.index] = error
-            envs.add(error.index)
+            self.errors[error.env] = error
+            envs.add(error.env)
         for i, obs in reply.observations:
             self.pipe_obs[i] = obs
             envs.add(i)
@@ -281,7 +281,7 @@ class PartialBatches:
             reply = replies.get(w, M.Reply())
             reset_infos = dict(reply.infos) if self.same_step else {}
             for error in reply.errors:
-                self.errors[error.index] = error
+                self.errors[error.env] = error
             pipe_obs = dict(reply.observations)
             outstanding = set(self.ready)
             for i in self.pool.groups[w]:

@@ -593,9 +593,9 @@ class WorkerPool:
         except multiprocessing.TimeoutError:
             doorbells, line = self.doorbells, self.plan.worker_line
             # the first worker still busy (any, should the last have finished since)
-            w = min((w for w in range(self.num_workers)
-                     if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ)),
-                    default=0)
+            busy = [w for w in range(self.num_workers)
+                    if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ)]
+            w = min(busy, default=0)
             raise self._start_timeout(w, phase) from None
 
     def _survivors_done(self) -> bool:
@@ -730,7 +730,7 @@ class WorkerPool:
                 cause = rebuild(first.error.payload)
                 raise self._break(WorkerDiedError(
                     f"{what} during `{name}`, and its replacement could not be started: env "
-                    f"{first.error.index} raised {type(cause).__name__}: {cause}. The vector "
+                    f"{first.error.env} raised {type(cause).__name__}: {cause}. The vector "
                     "env cannot continue; close it and make a new one.",
                     worker=w, env_indices=died.env_indices, pid=died.pid,
                     exitcode=died.exitcode)) from cause

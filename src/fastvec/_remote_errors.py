@@ -50,7 +50,7 @@ class ErrorPayload(NamedTuple):
 class EnvError(NamedTuple):
     """The error of one env: its index in the batch and the payload."""
 
-    index: int
+    env: int
     payload: ErrorPayload
 
 

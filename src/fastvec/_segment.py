@@ -29,6 +29,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.error import CustomSpaceError
 
+from fastvec._kernels import Segment
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
@@ -81,8 +82,8 @@ class SegmentPlan:
     Both processes build it from the same arguments, so they agree on every offset.
     """
 
-    def __init__(self, num_envs: int, num_workers: int, action_space: spaces.Space,
-                 observation_space: spaces.Space | None, check_obs_range: bool = True,
+    def __init__(self, num_envs: int, num_workers: int, action_space: spaces.Space[Any],
+                 observation_space: spaces.Space[Any] | None, check_obs_range: bool = True,
                  observation_slots: int = 1) -> None:
         self._args = (num_envs, num_workers, action_space, observation_space, check_obs_range,
                       observation_slots)
@@ -131,7 +132,7 @@ class SegmentPlan:
                          self.terminations, self.truncations, self.nbytes))
         self.digest = zlib.crc32(repr(geometry).encode())
 
-    def bind(self, segment, buffer) -> None:
+    def bind(self, segment: Segment, buffer: memoryview) -> None:
         """Build every layout's views over ``buffer``."""
         if self.actions is not None:
             self.actions.bind(segment, buffer)
@@ -145,7 +146,7 @@ class SegmentPlan:
         for layout in self.observation_slots:
             layout.unbind()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[SegmentPlan], tuple[Any, ...]]:
         # compiled nodes do not pickle: a spawned worker rebuilds the same plan from the spaces
         return (SegmentPlan, self._args)
 
@@ -174,11 +175,11 @@ class SegmentPlan:
         """Offset of env ``env``'s completion marks (``+ DONE``, ``+ HAS_REPLY``)."""
         return self.marks + MARK * env
 
-    def write_header(self, buffer) -> None:
+    def write_header(self, buffer: memoryview) -> None:
         HEADER.pack_into(buffer, 0, MAGIC, LAYOUT_VERSION, self.num_envs, self.num_workers,
                          self.digest, self.nbytes)
 
-    def check_header(self, buffer) -> None:
+    def check_header(self, buffer: memoryview) -> None:
         """Refuse a segment that this plan's parent did not lay out (checked before any use)."""
         if len(buffer) < max(HEADER.size, self.nbytes):
             raise RuntimeError(
@@ -204,7 +205,7 @@ class SegmentPlan:
                 f"(num_envs, num_workers, layout digest, bytes) is {found}, expected {expected}"
             )
 
-    def result_arrays(self, buffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def result_arrays(self, buffer: memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rewards, terminations and truncations over the segment.
 
         ``np.frombuffer`` holds a buffer export, so the segment cannot be unmapped under them.

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium
 import numpy as np
@@ -181,7 +181,7 @@ class AsyncVectorEnv(VectorEnv):
         context: str | None = None,
         daemon: bool = True,
         worker: Callable[..., None] | None = None,
-        observation_mode: str | tuple[Space, Space] = "same",
+        observation_mode: str | tuple[Space[Any], Space[Any]] = "same",
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         max_concurrency: int | None = None,
         *,
@@ -194,12 +194,9 @@ class AsyncVectorEnv(VectorEnv):
         self._state = AsyncState.DEFAULT
         self.restart_workers = bool(restart_workers)
         self.closed = False
-        self.env_fns = env_fns
-        self.shared_memory = shared_memory
-        self.copy = copy
-        self.context = context
-        self.daemon = daemon
-        self.worker = worker
+        # Gymnasium's AsyncVectorEnv keeps its arguments as attributes of these names
+        self.env_fns, self.shared_memory, self.copy = env_fns, shared_memory, copy
+        self.context, self.daemon, self.worker = context, daemon, worker
         self.observation_mode = observation_mode
         self.autoreset_mode = (autoreset_mode if isinstance(autoreset_mode, AutoresetMode)
                                else AutoresetMode(autoreset_mode))
@@ -337,13 +334,14 @@ class AsyncVectorEnv(VectorEnv):
             raise
 
     # -- properties ------------------------------------------------------------------------
+    # one per sub-environment, as Gymnasium's AsyncVectorEnv gives them (not VectorEnv's one)
     @property
-    def np_random_seed(self) -> tuple[int, ...]:
+    def np_random_seed(self) -> tuple[int, ...]:  # type: ignore[override]
         """The ``np_random_seed`` of every sub-environment."""
         return self.get_attr("np_random_seed")
 
-    @property
-    def np_random(self) -> tuple[np.random.Generator, ...]:
+    @property  # type: ignore[misc]
+    def np_random(self) -> tuple[np.random.Generator, ...]:  # type: ignore[override]
         """The ``np_random`` generator of every sub-environment."""
         return self.get_attr("np_random")
 
@@ -460,12 +458,7 @@ class AsyncVectorEnv(VectorEnv):
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
         """Wait for the reset sent by :meth:`reset_async` and return ``(observations, infos)``."""
-        self._assert_is_running()
-        self._assert_pending(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
-        replies = self._wait(timeout, "reset")
-        self._state = AsyncState.DEFAULT
-        self._partial.last_ids = None
-        infos, errors = self._merge_replies(replies)
+        infos, errors = self._collect(AsyncState.WAITING_RESET, "reset_async", timeout)
         self._raise_errors(errors)
         return self._observations(), infos
 
@@ -483,7 +476,7 @@ class AsyncVectorEnv(VectorEnv):
 
     # -- step ------------------------------------------------------------------------------
     def step(self, actions: Any, env_ids: Any = None
-             ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+             ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step every sub-environment with its action from the batch ``actions``.
 
         With ``batch_size < num_envs`` (or ``env_ids`` given) this is EnvPool's
@@ -632,7 +625,7 @@ class AsyncVectorEnv(VectorEnv):
         return per_env
 
     def step_wait(self, timeout: float | None = None
-                  ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+                  ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Wait for the step sent by :meth:`step_async` and return its batched results.
 
         On ``multiprocessing.TimeoutError`` the step stays pending: call ``step_wait`` again
@@ -640,12 +633,7 @@ class AsyncVectorEnv(VectorEnv):
         the step may take longer than ``timeout``: each step of the replacement's start is
         bounded by ``start_timeout`` instead.
         """
-        self._assert_is_running()
-        self._assert_pending(AsyncState.WAITING_STEP, "step_wait", "step_async")
-        replies = self._wait(timeout, "step")
-        self._state = AsyncState.DEFAULT
-        self._partial.last_ids = None
-        infos, errors = self._merge_replies(replies)
+        infos, errors = self._collect(AsyncState.WAITING_STEP, "step_async", timeout)
         replaced, self._pool.replaced = self._pool.replaced, []
         if replaced:
             infos = self._report_replaced(replaced, infos, errors)
@@ -653,6 +641,17 @@ class AsyncVectorEnv(VectorEnv):
         rewards, terminations, truncations = self._pool.results
         return (self._observations(), rewards.copy(), terminations.copy(),
                 truncations.copy(), infos)
+
+    def _collect(self, state: AsyncState, started_by: str, timeout: float | None
+                 ) -> tuple[dict[str, Any], list[EnvError]]:
+        """Wait for the pending reset or step (``state``) and merge its replies."""
+        self._assert_is_running()
+        name = state.value
+        self._assert_pending(state, f"{name}_wait", started_by)
+        replies = self._wait(timeout, name)
+        self._state = AsyncState.DEFAULT
+        self._partial.last_ids = None
+        return self._merge_replies(replies)
 
     def _merge_replies(self, replies: Sequence[M.Reply | None]
                        ) -> tuple[dict[str, Any], list[EnvError]]:
@@ -664,7 +663,7 @@ class AsyncVectorEnv(VectorEnv):
             if reply is None:  # nothing to report: the common step
                 continue
             for i, info in reply.infos:
-                infos = self._add_info(infos, info, i)
+                infos = self._add_info(infos, M.as_dict(info), i)
             errors.extend(reply.errors)
             self._store_pipe_obs(reply.observations)
         return infos, errors
@@ -766,7 +765,7 @@ class AsyncVectorEnv(VectorEnv):
         replies = self._pool.wait_starting(
             "check_spaces", "answering the space check (reading its envs' spaces)")
         results = self._gather_results(replies)
-        same_observation_spaces, same_action_spaces = zip(*results)
+        same_observation_spaces, same_action_spaces = zip(*results, strict=True)
         if not all(same_observation_spaces):
             if self.observation_mode == "same":
                 raise RuntimeError(
@@ -840,7 +839,7 @@ class AsyncVectorEnv(VectorEnv):
         """Support the with-statement: the env is closed when the block ends."""
         return self
 
-    def __exit__(self, *args: Any) -> bool:
+    def __exit__(self, *args: Any) -> Literal[False]:
         self.close()
         return False
 

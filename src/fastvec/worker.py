@@ -410,7 +410,7 @@ def picklable_reply(reply: M.Reply, start: int) -> bytes:
     if results is not None:
         kept = dict(_keep_picklable(list(enumerate(results, start)), errors, "result"))
         results = [kept.get(start + j) for j in range(len(results))]
-    errors.sort(key=lambda error: error.index)
+    errors.sort(key=lambda error: error.env)
     return bytes(ForkingPickler.dumps(M.Reply(results, infos, errors, observations)))
 
 
