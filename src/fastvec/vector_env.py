@@ -26,16 +26,15 @@ from gymnasium.error import (
 )
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import (
-    batch_differing_spaces,
-    batch_space,
     concatenate,
     create_empty_array,
     iterate,
 )
 
+from fastvec import _arguments as A
 from fastvec import _messages as M
 from fastvec._partial import PartialBatches
-from fastvec._pool import WorkerPool, default_num_workers, finalize, usable_cores
+from fastvec._pool import WorkerPool, finalize, usable_cores
 from fastvec._remote_errors import EnvError, raise_logged
 from fastvec._segment import SegmentPlan
 from fastvec.errors import WorkerDiedError, invalid_actions
@@ -200,85 +199,17 @@ class AsyncVectorEnv(VectorEnv):
         self.observation_mode = observation_mode
         self.autoreset_mode = (autoreset_mode if isinstance(autoreset_mode, AutoresetMode)
                                else AutoresetMode(autoreset_mode))
-        if max_concurrency is not None:
-            if not isinstance(max_concurrency, (int, np.integer)):
-                raise ValueError(
-                    f"`max_concurrency` must be an integer or None, got {type(max_concurrency)}."
-                )
-            if max_concurrency < 1:
-                raise ValueError(
-                    f"`max_concurrency` must be a positive or None, got {max_concurrency}."
-                )
-        self.max_concurrency = max_concurrency
-        if start_timeout is not None and (
-                isinstance(start_timeout, bool)
-                or not isinstance(start_timeout, (int, float, np.integer, np.floating))
-                or not start_timeout > 0):
-            raise ValueError(
-                f"`start_timeout` must be a positive number of seconds or None, got "
-                f"{start_timeout!r}."
-            )
-        self.start_timeout = None if start_timeout is None else float(start_timeout)
-        if worker is not None:
-            raise ValueError(
-                "fastvec.AsyncVectorEnv does not run a custom `worker`: its workers step "
-                "groups of sub-environments through shared memory, which Gymnasium's per-env "
-                "pipe worker protocol cannot drive. Use gymnasium.vector.AsyncVectorEnv for a "
-                "custom worker."
-            )
-        self.num_envs = len(env_fns)
-        if self.num_envs < 1:
-            raise ValueError("`env_fns` must hold at least one environment function.")
-        if num_workers is None:
-            num_workers = default_num_workers(self.num_envs)
-        if not isinstance(num_workers, (int, np.integer)) or not 1 <= num_workers <= self.num_envs:
-            raise ValueError(
-                f"`num_workers` must be an integer in [1, num_envs={self.num_envs}], "
-                f"got {num_workers!r}."
-            )
-        self.num_workers = int(num_workers)
-        if batch_size is None:
-            batch_size = self.num_envs
-        if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                or not 1 <= batch_size <= self.num_envs):
-            raise ValueError(
-                f"`batch_size` must be an integer in [1, num_envs={self.num_envs}], "
-                f"got {batch_size!r}."
-            )
-        self.batch_size = int(batch_size)
+        self.max_concurrency = A.max_concurrency(max_concurrency)
+        self.start_timeout = A.start_timeout(start_timeout)
+        A.no_custom_worker(worker)
+        self.num_envs = A.num_envs(env_fns)
+        self.num_workers = A.num_workers(num_workers, self.num_envs)
+        self.batch_size = A.batch_size(batch_size, self.num_envs)
         self.pin_workers = (self.num_workers == usable_cores() if pin_workers is None
                             else bool(pin_workers))
-
-        dummy_env = env_fns[0]()
-        try:
-            self.metadata = dict(dummy_env.metadata)
-            self.metadata["autoreset_mode"] = self.autoreset_mode
-            self.render_mode = dummy_env.render_mode
-            self.single_action_space = dummy_env.action_space
-            self.action_space = batch_space(self.single_action_space, self.num_envs)
-            if isinstance(observation_mode, tuple) and len(observation_mode) == 2:
-                if not all(isinstance(s, Space) for s in observation_mode):
-                    raise TypeError(
-                        "Expected both elements of observation_mode to be Spaces, got "
-                        f"{type(observation_mode[0])} and {type(observation_mode[1])}"
-                    )
-                self.observation_space, self.single_observation_space = observation_mode
-            elif observation_mode == "same":
-                self.single_observation_space = dummy_env.observation_space
-                self.observation_space = batch_space(self.single_observation_space,
-                                                     self.num_envs)
-            elif observation_mode == "different":
-                env_spaces = [fn().observation_space for fn in env_fns]
-                self.single_observation_space = env_spaces[0]
-                self.observation_space = batch_differing_spaces(env_spaces)
-            else:
-                raise ValueError(
-                    "Invalid `observation_mode`, expected: 'same' or 'different' or tuple of "
-                    f"single and batch observation space, actual got {observation_mode}"
-                )
-        finally:
-            dummy_env.close()
-            del dummy_env
+        (self.metadata, self.render_mode, self.single_action_space, self.action_space,
+         self.single_observation_space, self.observation_space) = A.read_spaces(
+            env_fns, observation_mode, self.autoreset_mode)
 
         try:
             plan = SegmentPlan(

@@ -1,0 +1,112 @@
+"""The checks of AsyncVectorEnv's arguments, worded as Gymnasium words them, and the spaces
+read from the first env: each function returns the argument as the vector env keeps it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import Env, Space
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_differing_spaces, batch_space
+
+from fastvec._pool import default_num_workers
+
+__all__ = ["batch_size", "max_concurrency", "no_custom_worker", "num_envs", "num_workers",
+           "read_spaces", "start_timeout"]
+
+
+def max_concurrency(value: int | None) -> int | None:
+    if value is not None:
+        if not isinstance(value, (int, np.integer)):
+            raise ValueError(f"`max_concurrency` must be an integer or None, got {type(value)}.")
+        if value < 1:
+            raise ValueError(f"`max_concurrency` must be a positive or None, got {value}.")
+    return value
+
+
+def start_timeout(value: float | None) -> float | None:
+    if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.integer, np.floating))
+            or not value > 0):
+        raise ValueError(
+            f"`start_timeout` must be a positive number of seconds or None, got {value!r}.")
+    return None if value is None else float(value)
+
+
+def no_custom_worker(worker: Callable[..., None] | None) -> None:
+    if worker is not None:
+        raise ValueError(
+            "fastvec.AsyncVectorEnv does not run a custom `worker`: its workers step "
+            "groups of sub-environments through shared memory, which Gymnasium's per-env "
+            "pipe worker protocol cannot drive. Use gymnasium.vector.AsyncVectorEnv for a "
+            "custom worker."
+        )
+
+
+def num_envs(env_fns: Sequence[Callable[[], Env[Any, Any]]]) -> int:
+    if len(env_fns) < 1:
+        raise ValueError("`env_fns` must hold at least one environment function.")
+    return len(env_fns)
+
+
+def num_workers(value: int | None, envs: int) -> int:
+    """The worker count (default: the usable cores, never more than ``envs``)."""
+    if value is None:
+        value = default_num_workers(envs)
+    if not isinstance(value, (int, np.integer)) or not 1 <= value <= envs:
+        raise ValueError(
+            f"`num_workers` must be an integer in [1, num_envs={envs}], got {value!r}.")
+    return int(value)
+
+
+def batch_size(value: int | None, envs: int) -> int:
+    """How many envs ``recv`` returns (default: all of them, the synchronous shape)."""
+    if value is None:
+        value = envs
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 1 <= value <= envs:
+        raise ValueError(
+            f"`batch_size` must be an integer in [1, num_envs={envs}], got {value!r}.")
+    return int(value)
+
+
+def read_spaces(env_fns: Sequence[Callable[[], Env[Any, Any]]],
+                observation_mode: str | tuple[Space[Any], Space[Any]],
+                autoreset_mode: AutoresetMode
+                ) -> tuple[dict[str, Any], str | None, Space[Any], Space[Any], Space[Any],
+                           Space[Any]]:
+    """``(metadata, render_mode, single_action_space, action_space,
+    single_observation_space, observation_space)``, from a first env made and closed here."""
+    n = len(env_fns)
+    dummy_env = env_fns[0]()
+    try:
+        metadata = dict(dummy_env.metadata)
+        metadata["autoreset_mode"] = autoreset_mode
+        single_action_space = dummy_env.action_space
+        action_space = batch_space(single_action_space, n)
+        if isinstance(observation_mode, tuple) and len(observation_mode) == 2:
+            if not all(isinstance(s, Space) for s in observation_mode):
+                raise TypeError(
+                    "Expected both elements of observation_mode to be Spaces, got "
+                    f"{type(observation_mode[0])} and {type(observation_mode[1])}"
+                )
+            observation_space, single_observation_space = observation_mode
+        elif observation_mode == "same":
+            single_observation_space = dummy_env.observation_space
+            observation_space = batch_space(single_observation_space, n)
+        elif observation_mode == "different":
+            env_spaces = [fn().observation_space for fn in env_fns]
+            single_observation_space = env_spaces[0]
+            observation_space = batch_differing_spaces(env_spaces)
+        else:
+            raise ValueError(
+                "Invalid `observation_mode`, expected: 'same' or 'different' or tuple of "
+                f"single and batch observation space, actual got {observation_mode}"
+            )
+        return (metadata, dummy_env.render_mode, single_action_space, action_space,
+                single_observation_space, observation_space)
+    finally:
+        dummy_env.close()
