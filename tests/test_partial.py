@@ -571,3 +571,38 @@ def test_an_env_is_done_as_soon_as_its_results_are_in():
         assert infos["env_id"].tolist() == [2]
         _, _, _, _, infos = envs.recv()
         assert infos["env_id"].tolist() == [0]
+
+
+class _InfoEnv(test_envs.SpaceEnv):
+    """A SpaceEnv whose every step returns an info naming its env and step."""
+
+    def step(self, action: Any) -> tuple[Any, ...]:
+        obs, reward, terminated, truncated, _ = super().step(action)
+        self.steps = getattr(self, "steps", 0) + 1
+        return obs, reward, terminated, truncated, {"who": self.index, "step": self.steps}
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_an_env_with_an_info_is_done_as_soon_as_its_results_are_in(shared_memory):
+    """An env whose step returned an info (or, without shared memory, whose observation goes
+    by pipe) comes back while its worker still steps the next env of the same entry: its
+    reply travels on its own, not with the rest of the entry."""
+    fns = [functools.partial(_InfoEnv, spaces.Box(-1, 1, (2,)), index=i,
+                             delay=0.0 if i == 0 else 1.5) for i in range(2)]
+    with fastvec.AsyncVectorEnv(fns, batch_size=1, num_workers=1, context="fork",
+                                shared_memory=shared_memory) as envs:
+        reference = SyncVectorEnv([functools.partial(_InfoEnv, spaces.Box(-1, 1, (2,)),
+                                                     index=i) for i in range(2)])
+        obs0, _ = envs.reset(seed=0)
+        expected, _ = reference.reset(seed=0)
+        np.testing.assert_array_equal(obs0, expected)
+        expected, *_, expected_infos = reference.step(np.zeros(2, np.int64))
+        envs.send(np.zeros(2, np.int64), [0, 1])
+        obs, _, _, _, infos = envs.recv(timeout=0.75)  # env 1 is still asleep
+        assert infos["env_id"].tolist() == [0]
+        assert infos["who"].tolist() == [0] and infos["step"].tolist() == [1]
+        np.testing.assert_array_equal(obs[0], expected[0])
+        obs, _, _, _, infos = envs.recv(timeout=5)
+        assert infos["env_id"].tolist() == [1] and infos["who"].tolist() == [1]
+        np.testing.assert_array_equal(obs[0], expected[1])
+        reference.close()

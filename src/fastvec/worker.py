@@ -128,9 +128,10 @@ class Worker:
         """
         doorbells = self.doorbells
         seq_offset = self.line + S.CMD_SEQ
+        spin_word = self.plan.parent_line + S.SPIN
         while True:
             idle_since = time.monotonic()
-            spin_until = idle_since + self.spin.budget()
+            spin_until = idle_since + (self.spin.budget() if doorbells.load(spin_word) else 0.0)
             while True:
                 spin = max(0.0, spin_until - time.monotonic())
                 if doorbells.wait_while_equal(seq_offset, seq, WAIT_SLICE * 10, spin, True):
@@ -170,14 +171,9 @@ class Worker:
             if doorbells.add(self.pending, -1) == 0:
                 doorbells.wake(self.pending)
             doorbells.store(self.line + S.DONE_SEQ, seq)
-        if reply:
+        if reply and not partial:  # a partial entry's envs sent theirs as each finished
             # sent after the counter so a large reply can never deadlock the parent's wait
-            data = picklable_reply(reply, self.start)
-            if partial:  # the parent may sleep on the count: it polls the pipe once woken
-                self.signal()
-            self.pipe.send_bytes(data)
-            if partial:
-                self.signal()
+            self.pipe.send_bytes(picklable_reply(reply, self.start))
         return isinstance(request, M.Close)
 
     def signal(self) -> None:
@@ -193,6 +189,21 @@ class Worker:
         doorbells, mark = self.doorbells, self.plan.mark(env)
         doorbells.store(mark + S.HAS_REPLY, 1 if has_reply else 0)
         doorbells.add(mark + S.DONE, 1)
+        self.signal()
+
+    def finish_env(self, env: int, reply: M.Reply | None) -> None:
+        """A partial entry's env ``env`` is done: mark it, and send its reply (its info, its
+        error or its observation by pipe), if it has one, now rather than with the rest of
+        the entry, so that the parent can return it at once."""
+        if not _entries(reply):
+            self.mark_done(env, False)
+            return
+        data = picklable_reply(reply, self.start)  # type: ignore[arg-type]
+        # marked before it is sent, so that a reply larger than the pipe's buffer cannot
+        # block this worker while the parent waits for the mark; counted again once sent,
+        # which wakes a parent that saw the mark before the bytes arrived
+        self.mark_done(env, True)
+        self.pipe.send_bytes(data)
         self.signal()
 
     # -- commands ------------------------------------------------------------------------
@@ -233,7 +244,6 @@ class Worker:
             if pickled_actions is not None:  # in entry order: index them by group index
                 pickled = dict(zip([i - start for i in ids], pickled_actions, strict=True))
         reply: M.Reply | None = None
-        noted = 0  # a partial entry's reply entries so far
         for j, env in order:
             i = start + j
             # what the env returned once it has (errors after that are in storing it)
@@ -286,22 +296,22 @@ class Worker:
                         reply = M.Reply()
                     reply.infos.append((i, info))
             if partial:
-                before, noted = noted, _entries(reply)
-                self.mark_done(i, noted != before)
+                self.finish_env(i, reply)
+                reply = None
         return reply
 
     def reset_group(self, seeds: list[int | None], options: dict[str, Any] | None,
-                    mask: list[bool] | None, publish: bool = True) -> M.Reply:
+                    mask: list[bool] | None, publish: bool = True) -> M.Reply | None:
         """Reset the current entry's envs (those in ``mask``; one seed each, in entry order);
         ``publish=False`` keeps the observations here. A partial entry writes each env's
-        reward 0 and flags False and marks it done as soon as it is."""
+        reward 0 and flags False and finishes it as soon as it is (then nothing is left to
+        return)."""
         reply = M.Reply()
         observations = self.observation_slot() if publish else None
         partial = self.ids is not None
         for k, i in enumerate(self.env_indices()):
             j = i - self.start
             env = self.envs[j]
-            noted = _entries(reply)
             # which env a start-up reset was on, should it hang there (see worker_main)
             self.doorbells.store(self.line + S.STATUS_ENV, i)
             if mask is not None and not mask[k]:
@@ -338,8 +348,9 @@ class Worker:
             if partial:
                 self.rewards[i] = 0.0
                 self.terminations[i] = self.truncations[i] = False
-                self.mark_done(i, noted != _entries(reply))
-        return reply
+                self.finish_env(i, reply)
+                reply = M.Reply()
+        return None if partial else reply
 
     def per_env(self, fn: Callable[[int, Env[Any, Any]], Any]) -> M.Reply:
         """``fn(j, env)`` for every env of the group: one result each (None if it raised)."""
