@@ -601,6 +601,8 @@ def test_an_env_with_an_info_is_done_as_soon_as_its_results_are_in(shared_memory
         obs, _, _, _, infos = envs.recv(timeout=0.75)  # env 1 is still asleep
         assert infos["env_id"].tolist() == [0]
         assert infos["who"].tolist() == [0] and infos["step"].tolist() == [1]
+        assert expected_infos["who"].tolist() == [0, 1]  # what the env alone returns
+        assert expected_infos["step"].tolist() == [1, 1]
         np.testing.assert_array_equal(obs[0], expected[0])
         obs, _, _, _, infos = envs.recv(timeout=5)
         assert infos["env_id"].tolist() == [1] and infos["who"].tolist() == [1]

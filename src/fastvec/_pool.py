@@ -32,6 +32,7 @@ from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._kernels import Segment
+from fastvec._load import Contention, MachineLoad
 from fastvec._remote_errors import raise_logged, rebuild
 from fastvec._sync import Doorbells
 from fastvec._waiting import WAIT_SLICE, SpinBudget
@@ -212,7 +213,7 @@ class WorkerPool:
     def __init__(self, env_fns: Sequence[Callable[[], Env[Any, Any]]], plan: S.SegmentPlan,
                  scratch_bytes: int, *, context: str | None, daemon: bool,
                  autoreset_mode: AutoresetMode, max_concurrency: int | None,
-                 pin_workers: bool, restart_workers: bool,
+                 pin_workers: bool | None, restart_workers: bool,
                  start_timeout: float | None) -> None:
         self.env_fns = env_fns
         self.plan = plan
@@ -239,6 +240,11 @@ class WorkerPool:
             self._ctx.BoundedSemaphore(max_concurrency) if max_concurrency is not None
             else None)
         self._cores = sorted(_affinity())
+        # pin_workers=None: pinned while the machine is calm, if there is a core per worker
+        self._auto_pin = pin_workers is None and self.num_workers == len(self._cores)
+        self.contention = Contention(
+            MachineLoad(self._cores, self._worker_pids) if self._cores else None,
+            oversubscribed=self.num_workers > max(1, len(self._cores)))
         self.resources = res = Resources()
         res.plan = plan
         res.shm = _memory.create(plan.nbytes, lazy_tail=scratch_bytes)
@@ -251,6 +257,8 @@ class WorkerPool:
         res.results = plan.result_arrays(buffer)
         self._pending = plan.parent_line + S.PENDING
         self._completed = plan.parent_line + S.COMPLETED
+        self._spin_word = plan.parent_line + S.SPIN
+        self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
         # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
         # its queue
         self._seq = [0] * self.num_workers
@@ -305,7 +313,7 @@ class WorkerPool:
         shm = self.resources.shm
         assert shm is not None
         cores = self._cores
-        core = cores[w % len(cores)] if self.pin_workers and cores else None
+        core = cores[w % len(cores)] if self._pinned and cores else None
         # a replacement starts from scratch, whatever its predecessor reported
         self.doorbells.store(self.plan.worker_line(w) + S.STATUS, S.STATUS_STARTING)
         with clear_mpi_env_vars():
@@ -396,6 +404,39 @@ class WorkerPool:
                 else f"envs {group.start}..{group.stop - 1}")
         return f"fastvec worker {w} (pid {self.resources.processes[w].pid}, {envs})"
 
+    # -- contention ------------------------------------------------------------------------
+    @property
+    def _pinned(self) -> bool:
+        """Whether workers are (to be) pinned, one per core."""
+        if self._auto_pin:
+            return not self.contention.contended
+        return bool(self.pin_workers)
+
+    def _worker_pids(self) -> list[int]:
+        return [p.pid for p in self.resources.processes if p.pid is not None]
+
+    def _adapt(self) -> None:
+        """Sample the machine's load now and then; on a change of mind, tell the workers
+        whether to spin and, with automatic pinning, pin or unpin them."""
+        if not self.contention.check(time.monotonic()):
+            return
+        self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
+        if not self._auto_pin:
+            return
+        cores = self._cores
+        for w, process in enumerate(self.resources.processes):
+            if process.pid is None:
+                continue
+            try:
+                os.sched_setaffinity(process.pid, {cores[w % len(cores)]} if self._pinned
+                                     else cores)
+            except OSError:  # the worker is gone (the next wait reports it)
+                pass
+
+    def _spin_budget(self) -> float:
+        """How long the parent may spin before it sleeps (never on a contended machine)."""
+        return 0.0 if self.contention.contended else self._spin.budget()
+
     # -- commands --------------------------------------------------------------------------
     def ring(self, command: M.Command, requests: Sequence[M.Request] | None = None,
              slot: int = 0) -> None:
@@ -407,6 +448,7 @@ class WorkerPool:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
+        self._adapt()
         doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
         doorbells.store(self._pending, self.num_workers)
@@ -415,9 +457,9 @@ class WorkerPool:
             entry = queues[w] + S.ENTRY * (seq & mask)
             doorbells.store(entry + S.E_COMMAND, command)
             doorbells.store(entry + S.E_SLOT, slot)
-            doorbell = self._doorbell[w]
-            doorbells.store(doorbell, seq)
-            doorbells.wake(doorbell, 1)
+            doorbells.store(self._doorbell[w], seq)
+        for w in range(self.num_workers):
+            doorbells.wake(self._doorbell[w], 1)
             if payloads is not None:
                 # after the doorbell: the worker is reading, so a message larger than the
                 # pipe's buffer cannot block us
@@ -442,7 +484,7 @@ class WorkerPool:
             self._worker_died(min(lost))
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        spin_until = start + self._spin.budget()
+        spin_until = start + self._spin_budget()
         # workers are checked every slice, also when other workers' progress woke us
         next_check = start + WAIT_SLICE
         while True:
@@ -504,6 +546,7 @@ class WorkerPool:
         request); each env is then marked done on its own (see :meth:`finished`)."""
         payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
                     if requests is not None else None)
+        self._adapt()
         doorbells, plan, sent = self.doorbells, self.plan, self._sent
         for w, ids in by_worker.items():
             first = self._id_cursor[w]
@@ -545,7 +588,7 @@ class WorkerPool:
         try:
             start = time.monotonic()
             doorbells.wait_while_equal(self._completed, completed, timeout,
-                                       self._spin.budget(), True)
+                                       self._spin_budget(), True)
             self._spin.record(time.monotonic() - start)
         finally:
             doorbells.store(waiting, 0)

@@ -33,7 +33,7 @@ from fastvec._kernels import Segment
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 # magic, layout version, num_envs, num_workers, layout digest, total bytes
 HEADER = struct.Struct("<QIIIIQ")
 
@@ -51,10 +51,12 @@ PERMIT = 24
 # The env that STATUS_BUILDING or STATUS_RESETTING is about.
 STATUS_ENV = 28
 # Offsets inside the parent's line: the synchronous commands' pending-worker counter, the
-# partial entries' completed-env counter, and whether the parent sleeps on it.
+# partial entries' completed-env counter, whether the parent sleeps on it, and whether
+# workers may spin while they wait for a command (0 on a contended machine, see _load.py).
 PENDING = 0
 COMPLETED = 4
 WAITING = 8
+SPIN = 12
 
 # One queue entry: command (with PARTIAL or-ed in for a partial entry), observation slot,
 # first id position, env count.

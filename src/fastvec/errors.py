@@ -11,6 +11,7 @@ __all__ = [
     "ClosedEnvironmentError",
     "InvalidActionsError",
     "NoAsyncCallError",
+    "OversubscribedWarning",
     "RemoteTraceback",
     "WorkerDiedError",
     "WorkerStartTimeoutError",
@@ -26,6 +27,11 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f"\n\nRemote traceback (from the worker process):\n{self.text}"
+
+
+class OversubscribedWarning(RuntimeWarning):
+    """More worker processes than usable cores: every step then waits for workers to be
+    scheduled in turn, and fewer workers (the default, one per usable core) step faster."""
 
 
 class _AboutAWorker:

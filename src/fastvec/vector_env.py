@@ -9,6 +9,7 @@ pool's (:mod:`fastvec._pool`).
 from __future__ import annotations
 
 import multiprocessing
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -37,7 +38,7 @@ from fastvec._partial import PartialBatches
 from fastvec._pool import WorkerPool, finalize, usable_cores
 from fastvec._remote_errors import EnvError, raise_logged
 from fastvec._segment import SegmentPlan
-from fastvec.errors import WorkerDiedError, invalid_actions
+from fastvec.errors import OversubscribedWarning, WorkerDiedError, invalid_actions
 
 __all__ = ["AsyncState", "AsyncVectorEnv"]
 
@@ -99,11 +100,14 @@ class AsyncVectorEnv(VectorEnv):
         At most this many sub-environments run ``reset``/``step`` at once.
     num_workers
         Worker processes. Default: the usable cores, never more than the number of envs.
+        More than the usable cores warns (:class:`fastvec.errors.OversubscribedWarning`).
     pin_workers
         Pin worker ``i`` to the ``i``-th usable core (Linux). Default (``None``): pin when
         there is exactly one worker per usable core, where it keeps the scheduler from
-        queueing two workers on one core while another core spins. Processes and threads
-        that an environment starts inherit the pin; pass ``False`` for such environments.
+        queueing two workers on one core while another core spins, and only while other
+        work leaves the machine calm (see the README's "On a busy machine"). Processes and
+        threads that an environment starts inherit the pin; pass ``False`` for such
+        environments.
     restart_workers
         Replace a worker process that dies (a crash inside a C extension, the OOM killer, a
         ``SIGKILL``) instead of breaking the vector env. The new worker builds fresh envs for
@@ -205,8 +209,14 @@ class AsyncVectorEnv(VectorEnv):
         self.num_envs = A.num_envs(env_fns)
         self.num_workers = A.num_workers(num_workers, self.num_envs)
         self.batch_size = A.batch_size(batch_size, self.num_envs)
-        self.pin_workers = (self.num_workers == usable_cores() if pin_workers is None
-                            else bool(pin_workers))
+        self.pin_workers = None if pin_workers is None else bool(pin_workers)
+        cores = usable_cores()
+        if self.num_workers > cores:
+            warnings.warn(
+                f"AsyncVectorEnv(num_workers={self.num_workers}) on {cores} usable core(s): "
+                "workers beyond one per core only wait for each other to be scheduled; the "
+                f"default (num_workers=None, {min(cores, self.num_envs)} here) is faster.",
+                OversubscribedWarning, stacklevel=2)
         (self.metadata, self.render_mode, self.single_action_space, self.action_space,
          self.single_observation_space, self.observation_space) = A.read_spaces(
             env_fns, observation_mode, self.autoreset_mode)

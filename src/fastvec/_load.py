@@ -1,0 +1,143 @@
+"""How busy the machine is beside a pool, and what the pool's hand-offs should do about it.
+
+A hand-off between processes is cheap when each has a core: a waiter that spins for a few
+hundred microseconds sees the other side's answer without a futex sleep, and a worker pinned
+to its own core keeps its caches. On a machine that other work keeps busy, both turn against
+the pool: a spinning waiter takes the core the worker it waits for needs, and a worker pinned
+to a core shared with a busy process gets half that core while the other runs free, so every
+synchronous step waits for it (measured here with one busy process: 0.2x ``SyncVectorEnv``
+pinned and spinning, 1.1-2x unpinned and sleeping).
+
+:class:`MachineLoad` measures the other work directly: the CPU time the usable cores spent
+busy (``/proc/stat``) minus the time the pool's own processes took (``/proc/<pid>/stat`` of
+each worker, and the calling thread of the parent, whose other threads, a learner's say,
+count as other work). :class:`Contention` turns those samples into a decision with
+hysteresis: calm (spin, pin) or contended (sleep at once, let the scheduler place workers).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+__all__ = ["Contention", "MachineLoad", "process_cpu_seconds"]
+
+try:
+    _TICK = float(os.sysconf("SC_CLK_TCK"))
+except (AttributeError, ValueError, OSError):  # not POSIX
+    _TICK = 100.0
+
+
+def _busy_seconds(cores: Sequence[int]) -> float | None:
+    """CPU seconds the ``cores`` spent busy since boot (None where ``/proc/stat`` is not)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    wanted = {b"cpu%d" % core for core in cores}
+    ticks = 0
+    found = 0
+    for line in lines[1:]:
+        if not line.startswith(b"cpu"):
+            break
+        fields = line.split()
+        if fields[0] in wanted:
+            # user nice system idle iowait irq softirq steal: all but idle and iowait
+            # (steal is time the hypervisor gave another guest: this machine was busy)
+            values = [int(v) for v in fields[1:9]]
+            ticks += sum(values) - values[3] - values[4]
+            found += 1
+    return ticks / _TICK if found else None
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used; 0.0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0.0
+    # the command name, in parentheses, may hold spaces: count fields after its end
+    fields = data[data.rfind(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+class MachineLoad:
+    """Cores' worth of work that other processes ran on ``cores`` between two samples.
+
+    ``pids()`` names the pool's worker processes; the calling thread of this process counts
+    as the pool's too. :meth:`sample` returns None until two samples exist, or where the
+    counters cannot be read (not Linux).
+    """
+
+    def __init__(self, cores: Sequence[int], pids: Callable[[], Iterable[int]]) -> None:
+        self.cores = list(cores)
+        self.pids = pids
+        self._last: tuple[float, float, float] | None = None
+
+    def _read(self, now: float) -> tuple[float, float, float] | None:
+        busy = _busy_seconds(self.cores)
+        if busy is None:
+            return None
+        ours = time.thread_time() + sum(process_cpu_seconds(pid) for pid in self.pids())
+        return now, busy, ours
+
+    def sample(self, now: float) -> float | None:
+        reading = self._read(now)
+        last, self._last = self._last, reading
+        if reading is None or last is None or reading[0] <= last[0]:
+            return None
+        wall = reading[0] - last[0]
+        others = (reading[1] - last[1]) - (reading[2] - last[2])
+        return max(0.0, others / wall)
+
+
+class Contention:
+    """Whether the pool's hand-offs run on a contended machine, decided every ``INTERVAL``
+    seconds from :class:`MachineLoad`: contended once other work takes ``BUSY`` cores' worth,
+    calm again once it takes under ``QUIET`` (two samples in a row, so a short burst of
+    other work does not flip it back and forth).
+
+    A pool with more workers than usable cores is always contended: its own workers queue
+    for the cores.
+    """
+
+    INTERVAL = 0.25
+    BUSY = 0.5
+    QUIET = 0.25
+
+    def __init__(self, load: MachineLoad | None, oversubscribed: bool = False) -> None:
+        self.load = load
+        self.oversubscribed = oversubscribed
+        self.contended = oversubscribed
+        #: the latest sample: cores' worth of other work (None before the second sample)
+        self.others: float | None = None
+        self._next = 0.0
+        self._quiet_samples = 0
+
+    def check(self, now: float) -> bool:
+        """Sample if ``INTERVAL`` has passed; True when :attr:`contended` changed."""
+        if now < self._next or self.load is None:
+            return False
+        self._next = now + self.INTERVAL
+        others = self.load.sample(now)
+        self.others = others
+        if others is None or self.oversubscribed:
+            return False
+        return self.update(others)
+
+    def update(self, others: float) -> bool:
+        """Take one sample of other work (cores' worth); True when :attr:`contended` changed."""
+        if not self.contended:
+            if others >= self.BUSY:
+                self.contended = True
+                self._quiet_samples = 0
+                return True
+            return False
+        self._quiet_samples = self._quiet_samples + 1 if others < self.QUIET else 0
+        if self._quiet_samples >= 2:
+            self.contended = False
+            return True
+        return False

@@ -1,0 +1,200 @@
+"""The machine-load monitor and what the pool does on a busy machine: no spinning, no pinning
+while other work takes the cores, and back once it is gone; a warning for more workers than
+cores."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import fastvec
+from fastvec import _segment as S
+from fastvec._load import Contention, MachineLoad, process_cpu_seconds
+from fastvec.bench.contention import BusyProcesses
+from fastvec.errors import OversubscribedWarning
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+
+
+def test_contention_needs_busy_work_to_start_and_two_quiet_samples_to_end():
+    contention = Contention(None)
+    assert not contention.contended
+    assert not contention.update(Contention.BUSY - 0.01)  # not enough
+    assert contention.update(Contention.BUSY)  # changed: contended
+    assert contention.contended
+    assert not contention.update(0.0)  # one quiet sample is not enough
+    assert not contention.update(Contention.BUSY)  # busy again: the count starts over
+    assert not contention.update(Contention.QUIET - 0.01)
+    assert contention.contended
+    assert contention.update(0.0)  # the second quiet sample in a row: calm
+    assert not contention.contended
+
+
+def test_an_oversubscribed_pool_is_always_contended():
+    class Busy:
+        def sample(self, now: float) -> float:
+            return 0.0
+
+    contention = Contention(Busy(), oversubscribed=True)  # type: ignore[arg-type]
+    assert contention.contended
+    for k in range(5):
+        assert not contention.check(k * 1.0)
+    assert contention.contended
+
+
+def test_check_samples_once_per_interval():
+    samples: list[float] = []
+
+    class Load:
+        def sample(self, now: float) -> float:
+            samples.append(now)
+            return 1.0
+
+    contention = Contention(Load())  # type: ignore[arg-type]
+    assert contention.check(10.0)
+    assert not contention.check(10.0 + Contention.INTERVAL / 2)
+    contention.check(10.0 + Contention.INTERVAL)
+    assert samples == [10.0, 10.0 + Contention.INTERVAL]
+    assert contention.others == 1.0
+
+
+def _named_spinner(name: bytes, seconds: float) -> None:
+    ctypes.CDLL(None).prctl(15, name)  # PR_SET_NAME: the comm field of /proc/<pid>/stat
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+@linux
+def test_process_cpu_seconds_reads_a_process_with_spaces_and_parens_in_its_name():
+    process = multiprocessing.get_context("fork").Process(
+        target=_named_spinner, args=(b"a) (b c", 0.6))
+    process.start()
+    try:
+        time.sleep(0.4)
+        assert process_cpu_seconds(process.pid) > 0.1  # type: ignore[arg-type]
+        with open(f"/proc/{process.pid}/stat", "rb") as f:
+            assert b"(a) (b c)" in f.read()
+    finally:
+        process.join(5)
+    assert process_cpu_seconds(process.pid) == 0.0  # type: ignore[arg-type]  # reaped
+
+
+@linux
+def test_machine_load_counts_other_processes_but_not_the_pools_own():
+    """The same busy process, seen as other work by one monitor and as the pool's by another:
+    the two readings differ by exactly its CPU time (whatever else the machine does)."""
+    with BusyProcesses(1) as busy:
+        (pid,) = busy.pids
+        others = MachineLoad(CORES, list)
+        ours = MachineLoad(CORES, lambda: [pid])
+        start, cpu_before = time.monotonic(), process_cpu_seconds(pid)
+        others.sample(start)
+        ours.sample(start)
+        time.sleep(0.6)
+        now = time.monotonic()
+        seen_as_other, seen_as_ours = others.sample(now), ours.sample(now)
+        busy_cores = (process_cpu_seconds(pid) - cpu_before) / (now - start)
+    assert seen_as_other is not None and seen_as_ours is not None
+    assert busy_cores > 0.05, "the busy loop ran"
+    assert seen_as_other >= busy_cores - 0.1
+    # the readings are made a few microseconds apart, in ticks of 10 ms over 0.6 s
+    assert abs((seen_as_other - seen_as_ours) - busy_cores) < 0.15
+
+
+class ScriptedLoad:
+    """Stands in for MachineLoad: returns the next scripted amount of other work."""
+
+    def __init__(self, script: list[float]) -> None:
+        self.script = script
+
+    def sample(self, now: float) -> float | None:
+        return self.script.pop(0) if self.script else None
+
+
+def _affinities(envs: fastvec.AsyncVectorEnv) -> list[set[int]]:
+    return [os.sched_getaffinity(p.pid) for p in envs._pool.resources.processes]
+
+
+def _step_until(envs: fastvec.AsyncVectorEnv, condition, seconds: float = 5.0) -> None:
+    """Step until ``condition()``: synchronously, or with partial batches (each recv's envs
+    sent back) when ``batch_size < num_envs``, received to the last env at the end."""
+    deadline = time.monotonic() + seconds
+    if envs.batch_size == envs.num_envs:
+        while not condition():
+            assert time.monotonic() < deadline, "the pool did not adapt in time"
+            envs.step(np.zeros(envs.num_envs, np.int64))
+            time.sleep(Contention.INTERVAL / 5)
+        return
+    envs.async_reset(seed=0)
+    while True:
+        *_, infos = envs.recv(timeout=5)
+        if condition():
+            break
+        assert time.monotonic() < deadline, "the pool did not adapt in time"
+        envs.send(np.zeros(len(infos["env_id"]), np.int64), infos["env_id"])
+        time.sleep(Contention.INTERVAL / 5)
+    while envs._partial.outstanding:
+        envs.recv(timeout=5)
+
+
+@linux
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_the_pool_unpins_and_stops_spinning_while_the_machine_is_busy(batch_size):
+    """Scripted load: busy, then quiet twice. Workers start pinned and spinning, are unpinned
+    and told not to spin once the machine is busy, and come back once it is quiet."""
+    n = len(CORES)
+    fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
+    with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=batch_size) as envs:
+        pool = envs._pool
+        pool.contention.load = ScriptedLoad([])  # type: ignore[assignment]  # no opinion yet
+        spin_word = pool.plan.parent_line + S.SPIN
+        envs.reset(seed=0)
+        assert _affinities(envs) == [{CORES[w]} for w in range(n)]
+        assert pool.doorbells.load(spin_word) == 1
+        pool.contention.load = ScriptedLoad([2.0])  # type: ignore[assignment]
+        _step_until(envs, lambda: pool.contention.contended)
+        assert _affinities(envs) == [set(CORES)] * n
+        assert pool.doorbells.load(spin_word) == 0
+        assert pool._spin_budget() == 0.0
+        pool.contention.load = ScriptedLoad([0.0, 0.0])  # type: ignore[assignment]
+        _step_until(envs, lambda: not pool.contention.contended)
+        assert _affinities(envs) == [{CORES[w]} for w in range(n)]
+        assert pool.doorbells.load(spin_word) == 1
+
+
+@linux
+def test_workers_pinned_or_not_by_request_stay_so_on_a_busy_machine():
+    n = len(CORES)
+    for pin in (True, False):
+        with fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * n, num_workers=n,
+                                    pin_workers=pin) as envs:
+            envs._pool.contention.load = ScriptedLoad([])  # type: ignore[assignment]
+            envs.reset(seed=0)
+            before = _affinities(envs)
+            envs._pool.contention.load = ScriptedLoad([2.0])  # type: ignore[assignment]
+            _step_until(envs, lambda: envs._pool.contention.contended)
+            assert _affinities(envs) == before
+            assert before == ([{CORES[w]} for w in range(n)] if pin else [set(CORES)] * n)
+
+
+def test_more_workers_than_cores_warns_and_never_spins():
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert n is not None
+    with pytest.warns(OversubscribedWarning, match=rf"num_workers={n + 1}.*{n} usable core"):
+        envs = fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * (n + 1),
+                                      num_workers=n + 1)
+    with envs:
+        pool = envs._pool
+        assert pool.contention.contended
+        assert pool.doorbells.load(pool.plan.parent_line + S.SPIN) == 0
+        envs.reset(seed=0)
+        envs.step(np.zeros(n + 1, np.int64))
