@@ -198,3 +198,23 @@ def test_more_workers_than_cores_warns_and_never_spins():
         assert pool.doorbells.load(pool.plan.parent_line + S.SPIN) == 0
         envs.reset(seed=0)
         envs.step(np.zeros(n + 1, np.int64))
+
+
+@linux
+def test_the_callers_computing_counts_as_load_but_its_waiting_does_not():
+    """A trainer that computes between steps competes with the workers for the cores (its
+    time counts); the parent's time inside the pool's waits is the pool's own (it does not)."""
+    waited = {"cpu": 0.0}
+    load = MachineLoad(CORES, list, lambda: waited["cpu"])
+    load.sample(time.monotonic())
+    start, cpu = time.monotonic(), time.thread_time()
+    while time.monotonic() < start + 0.5:  # "the policy"
+        pass
+    computing = load.sample(time.monotonic())
+    assert computing is not None and computing > 0.3
+    start, cpu = time.monotonic(), time.thread_time()
+    while time.monotonic() < start + 0.5:  # "spinning inside a wait"
+        pass
+    waited["cpu"] += time.thread_time() - cpu
+    waiting = load.sample(time.monotonic())
+    assert waiting is not None and waiting < computing - 0.2

@@ -9,16 +9,18 @@ synchronous step waits for it (measured here with one busy process: 0.2x ``SyncV
 pinned and spinning, 1.1-2x unpinned and sleeping).
 
 :class:`MachineLoad` measures the other work directly: the CPU time the usable cores spent
-busy (``/proc/stat``) minus the time the pool's own processes took (``/proc/<pid>/stat`` of
-each worker, and the calling thread of the parent, whose other threads, a learner's say,
-count as other work). :class:`Contention` turns those samples into a decision with
-hysteresis: calm (spin, pin) or contended (sleep at once, let the scheduler place workers).
+busy (``/proc/stat``) minus the time the pool itself took to step and to wait
+(``/proc/<pid>/stat`` of each worker, and the parent's time inside its waits). What is left
+is work that competes with the workers for the cores: other processes, the parent's other
+threads (a learner's), and the trainer's own computing between steps (a policy's forward
+pass while the workers step the other half of a double-buffered batch). :class:`Contention`
+turns those samples into a decision with hysteresis: calm (spin, pin) or contended (sleep at
+once, let the scheduler place workers).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["Contention", "MachineLoad", "process_cpu_seconds"]
@@ -65,23 +67,26 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 class MachineLoad:
-    """Cores' worth of work that other processes ran on ``cores`` between two samples.
+    """Cores' worth of work beside the pool's own that ran on ``cores`` between two samples.
 
-    ``pids()`` names the pool's worker processes; the calling thread of this process counts
-    as the pool's too. :meth:`sample` returns None until two samples exist, or where the
+    ``pids()`` names the pool's worker processes; ``waiting()`` is the CPU seconds the
+    parent spent inside the pool's waits so far (its spinning is the pool's, not work that
+    competes with it). :meth:`sample` returns None until two samples exist, or where the
     counters cannot be read (not Linux).
     """
 
-    def __init__(self, cores: Sequence[int], pids: Callable[[], Iterable[int]]) -> None:
+    def __init__(self, cores: Sequence[int], pids: Callable[[], Iterable[int]],
+                 waiting: Callable[[], float] = lambda: 0.0) -> None:
         self.cores = list(cores)
         self.pids = pids
+        self.waiting = waiting
         self._last: tuple[float, float, float] | None = None
 
     def _read(self, now: float) -> tuple[float, float, float] | None:
         busy = _busy_seconds(self.cores)
         if busy is None:
             return None
-        ours = time.thread_time() + sum(process_cpu_seconds(pid) for pid in self.pids())
+        ours = self.waiting() + sum(process_cpu_seconds(pid) for pid in self.pids())
         return now, busy, ours
 
     def sample(self, now: float) -> float | None:

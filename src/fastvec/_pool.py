@@ -242,8 +242,11 @@ class WorkerPool:
         self._cores = sorted(_affinity())
         # pin_workers=None: pinned while the machine is calm, if there is a core per worker
         self._auto_pin = pin_workers is None and self.num_workers == len(self._cores)
+        # the parent's CPU seconds inside waits (spinning is the pool's own, not other work)
+        self.waiting_cpu = 0.0
         self.contention = Contention(
-            MachineLoad(self._cores, self._worker_pids) if self._cores else None,
+            MachineLoad(self._cores, self._worker_pids, lambda: self.waiting_cpu)
+            if self._cores else None,
             oversubscribed=self.num_workers > max(1, len(self._cores)))
         self.resources = res = Resources()
         res.plan = plan
@@ -487,6 +490,7 @@ class WorkerPool:
         spin_until = start + self._spin_budget()
         # workers are checked every slice, also when other workers' progress woke us
         next_check = start + WAIT_SLICE
+        cpu = time.thread_time()
         while True:
             value = doorbells.load(pending)
             if value == 0 or (lost and self._survivors_done()):
@@ -506,6 +510,7 @@ class WorkerPool:
                     )
                 wait = min(wait, remaining)
             doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
+        self.waiting_cpu += time.thread_time() - cpu
         if not lost:
             self._spin.record(time.monotonic() - start)
         replies: list[M.Reply | None] = [None] * self.num_workers
@@ -586,10 +591,11 @@ class WorkerPool:
         doorbells, waiting = self.doorbells, self.plan.parent_line + S.WAITING
         doorbells.store(waiting, 1)
         try:
-            start = time.monotonic()
+            start, cpu = time.monotonic(), time.thread_time()
             doorbells.wait_while_equal(self._completed, completed, timeout,
                                        self._spin_budget(), True)
             self._spin.record(time.monotonic() - start)
+            self.waiting_cpu += time.thread_time() - cpu
         finally:
             doorbells.store(waiting, 0)
 
