@@ -200,6 +200,37 @@ def test_more_workers_than_cores_warns_and_never_spins():
         envs.step(np.zeros(n + 1, np.int64))
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_more_workers_than_cores_share_one_bell(batch_size):
+    """With more workers than cores every worker sleeps on the shared bell, rung once per
+    command for all: synchronous steps and partial sends to a few workers reach exactly the
+    envs they name (checked against the envs stepped alone)."""
+    n = len(CORES) + 2
+    fns = [lambda: gym.make("CartPole-v1")] * n
+    reference = gym.vector.SyncVectorEnv(fns)
+    with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=batch_size) as envs:
+        assert envs._pool.doorbells.load(envs._pool.plan.parent_line + S.BROADCAST) == 1
+        obs, _ = envs.reset(seed=3)
+        expected, _ = reference.reset(seed=3)
+        np.testing.assert_array_equal(obs, expected)
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            actions = rng.integers(0, 2, n)
+            expected, *_ = reference.step(actions)
+            if batch_size is None:
+                obs, *_ = envs.step(actions)
+                np.testing.assert_array_equal(obs, expected)
+                continue
+            seen: dict[int, np.ndarray] = {}
+            envs.send(actions[:1], [0])  # one worker alone, then the rest
+            envs.send(actions[1:], list(range(1, n)))
+            while len(seen) < n:
+                obs, *_, infos = envs.recv(timeout=10)
+                seen.update(zip(infos["env_id"].tolist(), obs, strict=True))
+            np.testing.assert_array_equal(np.stack([seen[i] for i in range(n)]), expected)
+    reference.close()
+
+
 @linux
 def test_the_callers_computing_counts_as_load_but_its_waiting_does_not():
     """A trainer that computes between steps competes with the workers for the cores (its

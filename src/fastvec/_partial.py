@@ -72,6 +72,7 @@ class PartialBatches:
         self.stale: dict[int, tuple[dict[str, Any], Any]] = {}
         self.slot = 0  # the observation slot every outstanding env writes
         self.last_ids: list[int] | None = None  # the envs of the last recv
+        self._action_spaces: dict[int, Space[Any]] = {}  # batched action spaces by size
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -106,7 +107,10 @@ class PartialBatches:
     # -- send ------------------------------------------------------------------------------
     def split_actions(self, actions: Any, ids: list[int]) -> list[Any]:
         """One action per env of ``ids``, split by Gymnasium's ``iterate``."""
-        space = batch_space(self.single_action_space, len(ids))
+        space = self._action_spaces.get(len(ids))
+        if space is None:  # batch_space deep-copies the space (and its rng): once per size
+            space = self._action_spaces[len(ids)] = batch_space(self.single_action_space,
+                                                                len(ids))
         try:
             per_env = list(iterate(space, actions))
         except Exception as exc:

@@ -262,6 +262,9 @@ class WorkerPool:
         self._completed = plan.parent_line + S.COMPLETED
         self._spin_word = plan.parent_line + S.SPIN
         self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
+        self._bell = plan.parent_line + S.BELL
+        self._broadcast = self.contention.oversubscribed
+        self.doorbells.store(plan.parent_line + S.BROADCAST, 1 if self._broadcast else 0)
         # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
         # its queue
         self._seq = [0] * self.num_workers
@@ -461,15 +464,29 @@ class WorkerPool:
             doorbells.store(entry + S.E_COMMAND, command)
             doorbells.store(entry + S.E_SLOT, slot)
             doorbells.store(self._doorbell[w], seq)
-        for w in range(self.num_workers):
+        self._wake(range(self.num_workers))
+        if payloads is not None:
+            self._send_payloads(dict(enumerate(payloads)))
+
+    def _wake(self, workers: Iterable[int]) -> None:
+        """Wake ``workers`` (their doorbells rung): each on its own, or with more workers
+        than cores all at once on the shared bell."""
+        doorbells = self.doorbells
+        if self._broadcast:
+            doorbells.add(self._bell, 1)
+            doorbells.wake(self._bell)
+            return
+        for w in workers:
             doorbells.wake(self._doorbell[w], 1)
-            if payloads is not None:
-                # after the doorbell: the worker is reading, so a message larger than the
-                # pipe's buffer cannot block us
-                try:
-                    self.resources.pipes[w].send_bytes(payloads[w])
-                except OSError:  # EPIPE: the worker is gone; the wait reports it
-                    self._mark_lost(w)
+
+    def _send_payloads(self, payloads: dict[int, Any]) -> None:
+        """Send each worker its request, after its doorbell: the worker is reading then, so
+        a message larger than the pipe's buffer cannot block us."""
+        for w, payload in payloads.items():
+            try:
+                self.resources.pipes[w].send_bytes(payload)
+            except OSError:  # EPIPE: the worker is gone; the wait reports it
+                self._mark_lost(w)
 
     def wait(self, timeout: float | None, name: str) -> list[M.Reply | None]:
         """Wait until every worker finished the command; return each worker's reply.
@@ -566,12 +583,9 @@ class WorkerPool:
             doorbells.store(entry + S.E_FIRST, first)
             doorbells.store(entry + S.E_COUNT, len(ids))
             doorbells.store(self._doorbell[w], seq)
-            doorbells.wake(self._doorbell[w], 1)
-            if payloads is not None:
-                try:  # after the doorbell, as in ring
-                    self.resources.pipes[w].send_bytes(payloads[w])
-                except OSError:  # the worker is gone; the next check reports it
-                    self._mark_lost(w)
+        self._wake(by_worker)
+        if payloads is not None:
+            self._send_payloads(payloads)
 
     def finished(self, env_ids: Sequence[int]) -> list[tuple[int, bool]]:
         """Those of ``env_ids`` (submitted, not yet seen done) whose results are in the

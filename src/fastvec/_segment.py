@@ -57,6 +57,11 @@ PENDING = 0
 COMPLETED = 4
 WAITING = 8
 SPIN = 12
+# With more workers than cores every worker sleeps on one shared bell (BROADCAST is 1), which
+# the parent rings once for all of them: one wake-up call instead of one per worker, each of
+# which would hand the parent's core to the worker it woke before the next could be woken.
+BELL = 16
+BROADCAST = 20
 
 # One queue entry: command (with PARTIAL or-ed in for a partial entry), observation slot,
 # first id position, env count.

@@ -129,13 +129,22 @@ class Worker:
         doorbells = self.doorbells
         seq_offset = self.line + S.CMD_SEQ
         spin_word = self.plan.parent_line + S.SPIN
+        bell = self.plan.parent_line + S.BELL
+        broadcast = doorbells.load(self.plan.parent_line + S.BROADCAST) != 0
         while True:
             idle_since = time.monotonic()
             spin_until = idle_since + (self.spin.budget() if doorbells.load(spin_word) else 0.0)
             while True:
                 spin = max(0.0, spin_until - time.monotonic())
-                if doorbells.wait_while_equal(seq_offset, seq, WAIT_SLICE * 10, spin, True):
-                    break
+                if not broadcast:
+                    if doorbells.wait_while_equal(seq_offset, seq, WAIT_SLICE * 10, spin, True):
+                        break
+                else:
+                    rung = doorbells.load(bell)  # before our queue: a later ring changes it
+                    if doorbells.load(seq_offset) != seq:
+                        break
+                    if doorbells.wait_while_equal(bell, rung, WAIT_SLICE * 10, spin, True):
+                        continue  # rung: for us, or for another worker
                 if not parent_alive():
                     return False
             self.spin.record(time.monotonic() - idle_since)
