@@ -240,21 +240,21 @@ def test_workers_and_what_envs_start_ignore_terminal_stops():
 
 def test_a_reaped_worker_pid_taken_by_another_process_is_never_signalled(monkeypatch):
     # once reaped, a worker's pid may name another process (and group): no kill may reach it
-    from fastvec import _pool
+    from fastvec import _processes
 
     process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(10,))
     process.start()
     try:
-        started = _pool._start_time(process.pid)
+        started = _processes.process_start_time(process.pid)
         assert started is not None
         killed: list[int] = []
         monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append(pid))
-        _pool._kill_group(process.pid, started)  # our unreaped child: its group goes
+        _processes.kill_process_group(process.pid, started)  # our unreaped child: its group goes
         assert killed == [process.pid]
         monkeypatch.setattr(os, "waitid", _not_our_child)
-        _pool._kill_group(process.pid, started)  # a forkserver's child, still the same one
+        _processes.kill_process_group(process.pid, started)  # a forkserver child, the same
         assert killed == [process.pid] * 2
-        _pool._kill_group(process.pid, "1")  # the pid now names another process: spared
+        _processes.kill_process_group(process.pid, "1")  # the pid now names another process: spared
         assert killed == [process.pid] * 2
     finally:
         monkeypatch.undo()

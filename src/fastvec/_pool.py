@@ -10,7 +10,6 @@ segment exactly once, also when the vector env is never closed. It raises
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import signal
@@ -33,164 +32,28 @@ from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._kernels import Segment
 from fastvec._load import Contention, MachineLoad
+from fastvec._processes import (
+    Resources,
+    affinity,
+    default_num_workers,
+    finalize,
+    has_exited,
+    process_start_time,
+    split_groups,
+    usable_cores,
+)
 from fastvec._remote_errors import raise_logged, rebuild
 from fastvec._sync import Doorbells
 from fastvec._waiting import WAIT_SLICE, SpinBudget
 from fastvec.errors import WorkerDiedError, WorkerStartTimeoutError
 from fastvec.worker import worker_main
 
-__all__ = ["WorkerPool", "default_num_workers", "split_groups", "usable_cores"]
+# the process helpers are re-exported: the face and the argument checks take them from here
+__all__ = ["WorkerPool", "default_num_workers", "finalize", "split_groups", "usable_cores"]
 
 # Commands during which restart_workers=True replaces a dead worker (construction and close
 # do not: there a death raises WorkerDiedError, or is ignored by close).
 RESTARTABLE = frozenset({"step", "reset", "call", "set_attr"})
-
-
-def _affinity() -> set[int]:
-    try:
-        return os.sched_getaffinity(0)
-    except AttributeError:  # not Linux: no pinning
-        return set()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (``os.sched_getaffinity`` where it exists)."""
-    return len(_affinity()) or os.cpu_count() or 1
-
-
-def default_num_workers(num_envs: int) -> int:
-    """The usable cores, never more than ``num_envs``."""
-    return max(1, min(usable_cores(), num_envs))
-
-
-def split_groups(num_envs: int, num_workers: int) -> list[range]:
-    """Contiguous, near-equal groups of env indices, one per worker."""
-    base, extra = divmod(num_envs, num_workers)
-    groups, start = [], 0
-    for w in range(num_workers):
-        stop = start + base + (1 if w < extra else 0)
-        groups.append(range(start, stop))
-        start = stop
-    return groups
-
-
-def _start_time(pid: int | None) -> str | None:
-    """The kernel's start time of process ``pid`` (None where there is no /proc or no such
-    process): with the pid, it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[19].decode()  # field 22 of stat(5), counted after the command name
-
-
-def _kill_group(pid: int | None, start_time: str | None) -> None:
-    """SIGKILL what is left of worker ``pid``'s group: the processes its envs started.
-
-    The group's id is the worker's pid. While a member of that group lives the number cannot
-    be reused, but once the worker is reaped and the group is empty another process may take
-    it and lead a group of its own: the kill is sent only while the worker is still our
-    unreaped child, or the process with its pid is still the worker (its ``start_time``: a
-    forkserver's child), or no process has that pid (then only the worker's orphans can).
-    """
-    if pid is None:
-        return
-    ours = False
-    if hasattr(os, "waitid"):
-        try:
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            ours = True
-        except ChildProcessError:  # reaped already, or a forkserver's child
-            pass
-    if not ours:
-        now = _start_time(pid)
-        if now is not None and now != start_time:  # the pid is another process's now
-            return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # nothing left (or not ours to end)
-        pass
-
-
-def _exited(process: BaseProcess, timeout: float = 0.0) -> bool:
-    """Whether ``process`` ended (waiting up to ``timeout``), without reaping it."""
-    return bool(connection.wait([process.sentinel], timeout))
-
-
-class Resources:
-    """Everything that must be released exactly once, even if the env is never closed.
-
-    Held apart from the pool so that a ``weakref.finalize`` can clean up without keeping the
-    vector env alive.
-    """
-
-    def __init__(self) -> None:
-        self.shm: _memory.SharedSegment | None = None
-        self.doorbells: Doorbells | None = None
-        self.segment: Segment | None = None
-        self.plan: S.SegmentPlan | None = None
-        self.results: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.processes: list[BaseProcess] = []
-        self.pipes: list[connection.Connection] = []
-        # each worker's start time, read at launch: with its pid, names it for good
-        self.start_times: dict[int, str | None] = {}
-
-    def kill_group(self, process: BaseProcess) -> None:
-        """End what is left of ``process``'s group (see :func:`_kill_group`)."""
-        if process.pid is not None:
-            _kill_group(process.pid, self.start_times.get(process.pid))
-
-    def terminate_workers(self) -> None:
-        for process in self.processes:
-            if not _exited(process):  # not is_alive(): it would reap, before the group kill
-                process.terminate()
-
-    def shutdown(self, join_timeout: float = 2.0) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.close()
-        self.pipes = []
-        deadline = time.monotonic() + join_timeout
-        # wait for the exits without reaping: an unreaped worker's pid (its group's id)
-        # cannot be reused, so the group kill reaches only what its envs left behind
-        sentinels = {process.sentinel for process in self.processes}
-        while sentinels and time.monotonic() < deadline:
-            sentinels -= set(connection.wait(list(sentinels),
-                                             max(0.0, deadline - time.monotonic())))
-        for process in self.processes:
-            self.kill_group(process)  # a worker still running goes with it
-        for process in self.processes:
-            process.join(1.0)
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)
-        for process in self.processes:
-            with contextlib.suppress(ValueError):  # one that would not end: left to the GC
-                process.close()
-        self.processes = []
-        self.release_segment()
-
-    def release_segment(self) -> None:
-        if self.plan is not None:
-            self.plan.unbind()
-        self.results = None
-        if self.segment is not None:
-            self.segment.release()
-            self.segment = None
-        if self.doorbells is not None:
-            self.doorbells.release()
-            self.doorbells = None
-        shm, self.shm = self.shm, None
-        if shm is not None:
-            shm.close()  # copy=False views the caller still holds keep their mapping
-            shm.unlink()
-
-
-def finalize(resources: Resources) -> None:
-    """End every worker and free the segment (``weakref.finalize`` of the vector env)."""
-    resources.terminate_workers()
-    resources.shutdown()
 
 
 class WorkerPool:
@@ -239,7 +102,7 @@ class WorkerPool:
         self._semaphore: Semaphore | None = (
             self._ctx.BoundedSemaphore(max_concurrency) if max_concurrency is not None
             else None)
-        self._cores = sorted(_affinity())
+        self._cores = sorted(affinity())
         # pin_workers=None: pinned while the machine is calm, if there is a core per worker
         self._auto_pin = pin_workers is None and self.num_workers == len(self._cores)
         # the parent's CPU seconds inside waits (spinning is the pool's own, not other work)
@@ -341,7 +204,7 @@ class WorkerPool:
             finally:
                 child_pipe.close()
         if process.pid is not None:
-            self.resources.start_times[process.pid] = _start_time(process.pid)
+            self.resources.start_times[process.pid] = process_start_time(process.pid)
         return process, parent_pipe
 
     def _await_start(self, workers: Sequence[int],
@@ -696,7 +559,7 @@ class WorkerPool:
     # -- deaths and restarts ---------------------------------------------------------------
     def _check_workers(self, restart: bool = False) -> None:
         for w, process in enumerate(self.resources.processes):
-            if w not in self._lost and _exited(process):
+            if w not in self._lost and has_exited(process):
                 if not restart:
                     self._worker_died(w)
                 self._mark_lost(w)
@@ -711,7 +574,7 @@ class WorkerPool:
         ``(description, error)``; the error says the vector env cannot continue."""
         process = self.resources.processes[w]
         # it closed its pipe or sentinel: it is exiting; its group goes before it is reaped
-        if _exited(process, 0.5):
+        if has_exited(process, 0.5):
             self.resources.kill_group(process)
         process.join(0.5)  # blocks until the exit that closed the sentinel is complete
         code = process.exitcode
@@ -760,7 +623,7 @@ class WorkerPool:
             old = res.processes[w]
             if old.exitcode is None:  # closed its pipe yet still running: make sure
                 old.kill()
-                _exited(old, 1.0)
+                has_exited(old, 1.0)
                 res.kill_group(old)
                 old.join(1.0)
             try:
