@@ -183,7 +183,9 @@ class PartialBatches:
                 wait = min(wait, deadline - now)
             if self.awaiting:
                 wait = min(wait, REPLY_POLL)
-            self.pool.sleep(completed, wait)
+            # each env still needed completes at least once more (an env awaiting its reply
+            # counts again when the reply is sent)
+            self.pool.sleep(completed, wait, want - len(self.ready))
         ids = [self.ready.popleft() for _ in range(want)]
         self.last_ids = ids
         return self._batch(ids)

@@ -462,10 +462,13 @@ class WorkerPool:
         """The partial entries' completed-env counter (to wait on with :meth:`sleep`)."""
         return self.doorbells.load(self._completed)
 
-    def sleep(self, completed: int, timeout: float) -> None:
+    def sleep(self, completed: int, timeout: float, need: int = 1) -> None:
         """Sleep until an env completes after the count ``completed`` was read (or
-        ``timeout`` seconds)."""
+        ``timeout`` seconds); no worker wakes us before ``need`` more completions (a spin
+        may see the first)."""
         doorbells, waiting = self.doorbells, self.plan.parent_line + S.WAITING
+        doorbells.store(self.plan.parent_line + S.TARGET,
+                        (completed + max(1, need)) & 0xFFFFFFFF)
         doorbells.store(waiting, 1)
         try:
             start, cpu = time.monotonic(), time.thread_time()

@@ -62,6 +62,10 @@ SPIN = 12
 # which would hand the parent's core to the worker it woke before the next could be woken.
 BELL = 16
 BROADCAST = 20
+# The completed-env count at which the sleeping parent wants to be woken: it needs that many
+# more completions before a recv can return (each env done adds at least one), so the envs
+# that finish before then do not wake it one by one.
+TARGET = 24
 
 # One queue entry: command (with PARTIAL or-ed in for a partial entry), observation slot,
 # first id position, env count.

@@ -78,6 +78,7 @@ class Worker:
         self.pending = plan.parent_line + S.PENDING
         self.completed = plan.parent_line + S.COMPLETED
         self.waiting = plan.parent_line + S.WAITING
+        self.target = plan.parent_line + S.TARGET
         # the entry being served: its observation slot and, for a partial entry, its env ids
         self.slot = 0
         self.ids: list[int] | None = None
@@ -186,10 +187,12 @@ class Worker:
         return isinstance(request, M.Close)
 
     def signal(self) -> None:
-        """Count one more completion and wake the parent if it sleeps on the count."""
+        """Count one more completion and wake the parent if it sleeps on the count and the
+        count reached the one it waits for."""
         doorbells = self.doorbells
-        doorbells.add(self.completed, 1)
-        if doorbells.load(self.waiting):
+        count = doorbells.add(self.completed, 1)
+        # count >= target, modulo 2**32
+        if doorbells.load(self.waiting) and (count - doorbells.load(self.target)) & 0x80000000 == 0:
             doorbells.wake(self.completed)
 
     def mark_done(self, env: int, has_reply: bool) -> None:
