@@ -655,3 +655,38 @@ def test_workers_wake_the_parent_only_once_its_recv_can_return():
         worker.detach()
         ours.close()
         theirs.close()
+
+
+def test_a_worker_restarted_during_async_reset_reports_its_envs_reset_not_truncated():
+    """A reset that a dead worker's replacement stands in for is a reset: reward 0, both
+    flags False, the fresh reset's info plus ``worker_restarted``; the other envs' resets are
+    their own."""
+    import robust_envs
+
+    fns = [functools.partial(robust_envs.SlowEnv, index=i) for i in range(4)]
+    with fastvec.AsyncVectorEnv(fns, batch_size=2, num_workers=2, context="fork",
+                                restart_workers=True) as envs:
+        envs.reset(seed=0)
+        envs.set_attr("reset_delay", 0.5)  # the replacement's fresh envs reset at once
+        envs.async_reset(seed=10)
+        time.sleep(0.2)
+        os.kill(envs._pool.resources.processes[1].pid, signal.SIGKILL)
+        results: dict[int, tuple] = {}
+        with pytest.warns(UserWarning, match=r"fastvec worker 1 .* restarted it as pid"):
+            while len(results) < 4:
+                obs, rewards, te, tr, infos = envs.recv(timeout=10)
+                for k, i in enumerate(infos["env_id"].tolist()):
+                    restarted = bool(infos.get("_worker_restarted", np.zeros(2, bool))[k])
+                    results[i] = (obs[k].tolist(), float(rewards[k]), bool(te[k]),
+                                  bool(tr[k]), restarted, infos["seed"][k])
+        assert results[0] == ([0, 0], 0.0, False, False, False, 10)
+        assert results[1] == ([1, 0], 0.0, False, False, False, 11)
+        for i in (2, 3):  # fresh envs, reset with seed None
+            assert results[i] == ([i, 0], 0.0, False, False, True, None)
+        envs.send(np.ones(4, np.int64), range(4))  # and they step on
+        seen = []
+        for _ in range(2):
+            _, rewards, _, tr, infos = envs.recv(timeout=10)
+            seen += infos["env_id"].tolist()
+            assert not tr.any() and "worker_restarted" not in infos
+        assert sorted(seen) == list(range(4))

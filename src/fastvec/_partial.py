@@ -73,6 +73,8 @@ class PartialBatches:
         self.slot = 0  # the observation slot every outstanding env writes
         self.last_ids: list[int] | None = None  # the envs of the last recv
         self._action_spaces: dict[int, Space[Any]] = {}  # batched action spaces by size
+        # outstanding envs sent by async_reset: a restart reports them reset, not truncated
+        self.resetting: set[int] = set()
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -132,6 +134,9 @@ class PartialBatches:
         if reset:
             for i in ids:
                 self.stale.pop(i, None)
+            self.resetting.update(ids)
+        else:
+            self.resetting.difference_update(ids)
         stale = [i for i in ids if i in self.stale]
         for i in stale:
             info, obs = self.stale.pop(i)
@@ -215,6 +220,7 @@ class PartialBatches:
         self.infos.clear()
         self.errors.clear()
         self.restarted.clear()
+        self.resetting.clear()
 
     def _collect(self, raise_errors: bool = True) -> None:
         """Move the envs whose done marks are set (and replies in) to the ready FIFO; raise
@@ -285,13 +291,16 @@ class PartialBatches:
         layout = self._layout()
         for w in lost:
             reply = replies.get(w, M.Reply())
-            reset_infos = dict(reply.infos) if self.same_step else {}
+            reset_infos = dict(reply.infos)
             for error in reply.errors:
                 self.errors[error.env] = error
             pipe_obs = dict(reply.observations)
             outstanding = set(self.ready)
             for i in self.pool.groups[w]:
-                info = {**reset_infos.get(i, {}), "worker_restarted": True}
+                # the fresh reset's info where a reset's info is returned: SAME_STEP's step,
+                # or the reset this env was sent for
+                kept = self.same_step or i in self.resetting
+                info = {**(reset_infos.get(i, {}) if kept else {}), "worker_restarted": True}
                 self.infos.pop(i, None)
                 if i in pipe_obs:
                     self.pipe_obs[i] = pipe_obs[i]
@@ -314,9 +323,11 @@ class PartialBatches:
         for k, i in enumerate(ids):
             info = self.infos.pop(i, None)
             restarted = self.restarted.pop(i, None)
-            if restarted is not None:
-                rewards[k], terminations[k], truncations[k] = 0.0, False, True
+            if restarted is not None:  # a reset it was sent for is not cut short
+                rewards[k], terminations[k] = 0.0, False
+                truncations[k] = i not in self.resetting
                 info = restarted
+            self.resetting.discard(i)
             if info:
                 infos = rows._add_info(infos, info, k)  # type: ignore[misc]
         infos["env_id"] = np.array(ids, dtype=np.int64)
