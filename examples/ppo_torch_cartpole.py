@@ -62,6 +62,7 @@ class Result:
     returns: list[float] = field(default_factory=list)
     env_steps: int = 0
     seconds: float = 0.0
+    collect_seconds: float = 0.0  # of ``seconds``, the time spent collecting rollouts
 
     @property
     def steps_per_second(self) -> float:
@@ -276,7 +277,9 @@ def main(total_steps: int = 100_000, seed: int = 0, vector: str = "fastvec-doubl
         for u in range(updates):
             if cfg.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - u / updates) * cfg.learning_rate
+            collect_started = time.perf_counter()
             obs = collect(envs, agent, rollout, obs, episodes)  # type: ignore[arg-type]
+            result.collect_seconds += time.perf_counter() - collect_started
             advantages, returns = advantages_and_returns(agent, rollout, obs, cfg)
             update(agent, optimizer, rollout, advantages, returns, cfg)
             if verbose and result.returns and (u % 10 == 9 or u == updates - 1):
