@@ -86,7 +86,8 @@ class _MakeEnv:
         self.env_fn = env_fn
 
     def __call__(self) -> gym.Env[Any, Any]:
-        return _patch_env(self.env_fn())
+        env: gym.Env[Any, Any] = _patch_env(self.env_fn())
+        return env
 
 
 # -- run in the workers by ``call`` (one per env) ---------------------------------------------
@@ -113,7 +114,7 @@ def _env_method(env: gym.Env[Any, Any], name: str, args: tuple[Any, ...],
 
 def _is_wrapped(env: gym.Env[Any, Any], wrapper_class: type[gym.Wrapper[Any, Any, Any, Any]]
                 ) -> bool:
-    return is_wrapped(env, wrapper_class)
+    return bool(is_wrapped(env, wrapper_class))
 
 
 class FastVecEnv(VecEnv):
@@ -153,8 +154,8 @@ class FastVecEnv(VecEnv):
             raise TypeError(f"FastVecEnv sets {fixed} itself (SB3 resets an env in the step "
                             "that ends it, and steps every env at once)")
         self.vector_env = _PerEnvInfos([_MakeEnv(fn) for fn in env_fns], context=start_method,
-                                 autoreset_mode=AutoresetMode.SAME_STEP, **fastvec_options)
-        self.waiting = False
+                                       autoreset_mode=AutoresetMode.SAME_STEP,
+                                       **fastvec_options)
         self._simple_actions = isinstance(self.vector_env.single_action_space, _SIMPLE_SPACES)
         try:
             super().__init__(len(env_fns), self.vector_env.single_observation_space,
@@ -190,12 +191,10 @@ class FastVecEnv(VecEnv):
     def step_async(self, actions: np.ndarray) -> None:
         """Send one action per env (an array or a sequence of per-env actions)."""
         self.vector_env.step_async(self._batch(actions))
-        self.waiting = True
 
     def step_wait(self) -> VecEnvStepReturn:
         """The step's observations, rewards, dones and per-env infos (``DummyVecEnv``'s)."""
         obs, rewards, terminations, truncations, raw = self.vector_env.step_envs_wait()
-        self.waiting = False
         dones = terminations | truncations
         time_limits = (truncations & ~terminations).tolist()
         if not raw:  # the common step: no env returned an info, none ended
@@ -226,7 +225,6 @@ class FastVecEnv(VecEnv):
     def close(self) -> None:
         """Close the envs, end the workers and free the shared memory."""
         self.vector_env.close()
-        self.waiting = False
 
     # -- render ----------------------------------------------------------------------------
     def get_images(self) -> Sequence[np.ndarray | None]:
