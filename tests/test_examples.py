@@ -92,3 +92,62 @@ def test_double_buffering_example_steps_each_env_as_if_alone() -> None:
                 obs, reward, terminated, truncated, _ = env.step(action)
                 autoreset = bool(terminated or truncated)
         env.close()
+
+
+def test_torch_ppo_example_learns_double_buffered() -> None:
+    pytest.importorskip("torch", reason="the PyTorch PPO example needs torch")
+    ppo = _load("ppo_torch_cartpole")
+    result = ppo.main(total_steps=12_000, seed=0, vector="fastvec-double")
+    # a random policy averages about 22 on CartPole-v1
+    assert result.mean_return(first=20) < 40, result.returns[:20]
+    assert result.mean_return(last=20) >= 100, result.returns[-20:]
+    assert result.env_steps == 12 * 8 * 128 and result.steps_per_second > 0
+
+
+def test_torch_ppo_double_buffered_rollout_is_each_env_stepped_alone() -> None:
+    """Each env's row of the double-buffered rollout holds that env's own consecutive
+    transitions: replaying its actions in the same env stepped alone gives the same
+    observations, rewards and episode ends (SAME_STEP autoreset), over two rollouts."""
+    pytest.importorskip("torch", reason="the PyTorch PPO example needs torch")
+    import gymnasium as gym
+    import torch
+
+    ppo = _load("ppo_torch_cartpole")
+    torch.manual_seed(0)
+    num_envs, steps = 4, 40
+    agent = ppo.Agent(4, 2)
+    envs = ppo.make_envs("fastvec-double", num_envs)
+    rollouts = []
+    try:
+        obs, _ = envs.reset(seed=0)
+        episodes = ppo.Episodes(num_envs, ppo.Result())
+        for _ in range(2):
+            rollout = ppo.Rollout(steps, num_envs, 4)
+            obs = ppo.collect_double_buffered(envs, agent, rollout, obs, episodes)
+            rollouts.append(rollout)
+    finally:
+        envs.close()
+    assert episodes.result.env_steps == 2 * steps * num_envs
+    for i in range(num_envs):
+        env = gym.make("CartPole-v1")
+        alone, _ = env.reset(seed=i)
+        for rollout in rollouts:
+            for t in range(steps):
+                np.testing.assert_array_equal(rollout.obs[t, i].numpy(), alone)
+                alone, reward, terminated, truncated, _ = env.step(
+                    int(rollout.actions[t, i]))
+                assert rollout.rewards[t, i] == reward
+                assert rollout.dones[t, i] == float(terminated or truncated)
+                if terminated or truncated:
+                    alone, _ = env.reset()
+        np.testing.assert_array_equal(obs[i], alone)
+        env.close()
+
+
+def test_sb3_ppo_example_learns() -> None:
+    pytest.importorskip("stable_baselines3", reason="the SB3 example needs stable-baselines3 "
+                        "(pip install 'fastvec[sb3]')")
+    example = _load("sb3_ppo")
+    trained = example.main(total_steps=16_384, n_envs=8, seed=0, eval_episodes=3)
+    assert trained.env_steps >= 16_384 and trained.steps_per_second > 0
+    assert trained.mean_return > 100, trained

@@ -13,8 +13,8 @@ from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from fastvec._pool import default_num_workers
 
-__all__ = ["batch_size", "max_concurrency", "no_custom_worker", "num_envs", "num_workers",
-           "read_spaces", "start_timeout"]
+__all__ = ["batch_size", "call_env_ids", "max_concurrency", "no_custom_worker", "num_envs",
+           "num_workers", "read_spaces", "start_timeout"]
 
 
 def max_concurrency(value: int | None) -> int | None:
@@ -24,6 +24,24 @@ def max_concurrency(value: int | None) -> int | None:
         if value < 1:
             raise ValueError(f"`max_concurrency` must be a positive or None, got {value}.")
     return value
+
+
+def call_env_ids(env_ids: Sequence[int] | None, num_envs: int) -> list[int] | None:
+    """``env_ids`` of ``call``/``get_attr``/``set_attr`` as ints (None: every env); unknown,
+    repeated and non-int ids raise ``ValueError``."""
+    if env_ids is None:
+        return None
+    ids = np.asarray(env_ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {env_ids!r}")
+    out = [int(i) for i in ids]
+    bad = [i for i in out if not 0 <= i < num_envs]
+    if bad:
+        raise ValueError(f"`env_ids` holds unknown env ids {bad}: this vector env has "
+                         f"envs 0..{num_envs - 1}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`env_ids` names an env more than once: {out}")
+    return out
 
 
 def start_timeout(value: float | None) -> float | None:

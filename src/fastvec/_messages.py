@@ -15,7 +15,7 @@ replaces a dead one sends the :class:`Reply` of its initial reset after :class:`
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -64,19 +64,23 @@ class Step:
 
 @dataclass(frozen=True)
 class Call:
-    """Call a method of (or read an attribute of) every env of the group."""
+    """Call a method of (or read an attribute of) every env of the group, or of those in
+    ``env_ids`` (batch indices, ascending); a callable ``name`` is called as
+    ``name(env, *args, **kwargs)``."""
 
-    name: str
+    name: str | Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    env_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
 class SetAttr:
-    """Set an attribute on every env of the group, one value each."""
+    """Set an attribute on every env of the group (or those in ``env_ids``), one value each."""
 
     name: str
     values: list[Any]
+    env_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,7 @@ class AsyncVectorEnv(VectorEnv):
         batch_size: int | None = None,
     ) -> None:
         self._state = AsyncState.DEFAULT
+        self._call_ids: list[int] | None = None  # the env_ids of the pending call
         self.restart_workers = bool(restart_workers)
         self.closed = False
         # Gymnasium's AsyncVectorEnv keeps its arguments as attributes of these names
@@ -644,29 +645,57 @@ class AsyncVectorEnv(VectorEnv):
         return deepcopy(self.observations) if self.copy else self.observations
 
     # -- call, get_attr, set_attr, render --------------------------------------------------
-    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        """Call ``name`` (a method, or read an attribute) on every sub-environment."""
-        self.call_async(name, *args, **kwargs)
+    def call(self, name: str | Callable[..., Any], *args: Any,
+             env_ids: Sequence[int] | None = None, **kwargs: Any) -> tuple[Any, ...]:
+        """Call ``name`` (a method, or read an attribute) on every sub-environment.
+
+        fastvec's additions: ``env_ids`` (a sequence of env indices) runs the call on those
+        envs only and returns their results in that order; a callable ``name`` runs
+        ``name(env, *args, **kwargs)`` in the worker on each env (it must pickle).
+        """
+        self.call_async(name, *args, env_ids=env_ids, **kwargs)
         return self.call_wait()
 
     def render(self) -> tuple[Any, ...] | None:
         """The rendered frame of every sub-environment."""
         return self.call("render")
 
-    def call_async(self, name: str, *args: Any, **kwargs: Any) -> None:
-        """Send ``call(name, *args, **kwargs)`` to every sub-environment."""
+    def call_async(self, name: str | Callable[..., Any], *args: Any,
+                   env_ids: Sequence[int] | None = None, **kwargs: Any) -> None:
+        """Send ``call(name, *args, **kwargs)`` to every sub-environment (or to ``env_ids``)."""
         self._assert_is_running()
+        ids = A.call_env_ids(env_ids, self.num_envs)
         self._assert_not_pending("call_async")
-        self._pool.ring(M.Command.REQUEST, [M.Call(name, args, kwargs)] * self.num_workers)
+        if ids is None:
+            requests = [M.Call(name, args, kwargs)] * self.num_workers
+        else:
+            requests = [M.Call(name, args, kwargs, group)
+                        for group in self._by_group(ids)]
+        self._pool.ring(M.Command.REQUEST, requests)
+        self._call_ids = ids
         self._state = AsyncState.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
-        """Wait for the call sent by :meth:`call_async`; one result per sub-environment."""
+        """Wait for the call sent by :meth:`call_async`; one result per sub-environment
+        (per env of its ``env_ids``, in their order)."""
         self._assert_is_running()
         self._assert_pending(AsyncState.WAITING_CALL, "call_wait", "call_async")
         replies = self._wait(timeout, "call")
         self._state = AsyncState.DEFAULT
-        return self._gather_results(replies)
+        return self._in_order(self._gather_results(replies), self._call_ids)
+
+    def _by_group(self, ids: list[int]) -> list[list[int]]:
+        """``ids`` split by worker group, ascending in each (empty for a group with none)."""
+        chosen = set(ids)
+        return [[i for i in group if i in chosen] for group in self._groups]
+
+    @staticmethod
+    def _in_order(results: tuple[Any, ...], ids: list[int] | None) -> tuple[Any, ...]:
+        """Results gathered in ascending env order, put in the order of ``ids``."""
+        if ids is None:
+            return results
+        by_env = dict(zip(sorted(ids), results, strict=True))
+        return tuple(by_env[i] for i in ids)
 
     def _gather_results(self, replies: Sequence[M.Reply | None]) -> tuple[Any, ...]:
         """One result per env, in env order; the envs' errors are raised."""
@@ -679,23 +708,33 @@ class AsyncVectorEnv(VectorEnv):
         self._raise_errors(errors)
         return tuple(results)
 
-    def get_attr(self, name: str) -> tuple[Any, ...]:
-        """The attribute ``name`` of every sub-environment."""
-        return self.call(name)
+    def get_attr(self, name: str, *, env_ids: Sequence[int] | None = None) -> tuple[Any, ...]:
+        """The attribute ``name`` of every sub-environment (or of those in ``env_ids``, in
+        that order)."""
+        return self.call(name, env_ids=env_ids)
 
-    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | object) -> None:
-        """Set ``name`` on every sub-environment (one value each, or one for all)."""
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | object, *,
+                 env_ids: Sequence[int] | None = None) -> None:
+        """Set ``name`` on every sub-environment (one value each, or one for all); with
+        ``env_ids``, on those envs only (one value each, in their order, or one for all)."""
         self._assert_is_running()
+        ids = A.call_env_ids(env_ids, self.num_envs)
+        count = self.num_envs if ids is None else len(ids)
         if not isinstance(values, (list, tuple)):
-            values = [values for _ in range(self.num_envs)]
-        if len(values) != self.num_envs:
+            values = [values for _ in range(count)]
+        if len(values) != count:
             raise ValueError(
                 "Values must be a list or tuple with length equal to the number of "
-                f"environments. Got `{len(values)}` values for {self.num_envs} environments."
+                f"environments. Got `{len(values)}` values for {count} environments."
             )
         self._assert_not_pending("set_attr")
-        self._pool.ring(M.Command.REQUEST, [M.SetAttr(name, list(values[g.start:g.stop]))
-                                            for g in self._groups])
+        if ids is None:
+            requests = [M.SetAttr(name, list(values[g.start:g.stop])) for g in self._groups]
+        else:
+            value_of = dict(zip(ids, values, strict=True))
+            requests = [M.SetAttr(name, [value_of[i] for i in group], group)
+                        for group in self._by_group(ids)]
+        self._pool.ring(M.Command.REQUEST, requests)
         self._gather_results(self._wait(None, "set_attr"))
 
     def _check_spaces(self) -> None:

@@ -364,12 +364,16 @@ class Worker:
                 reply = M.Reply()
         return None if partial else reply
 
-    def per_env(self, fn: Callable[[int, Env[Any, Any]], Any]) -> M.Reply:
-        """``fn(j, env)`` for every env of the group: one result each (None if it raised)."""
+    def per_env(self, fn: Callable[[int, Env[Any, Any]], Any],
+                env_ids: list[int] | None = None) -> M.Reply:
+        """``fn(k, env)`` for every env of the group, or for the ``k``-th env of ``env_ids``
+        (batch indices): one result each (None if it raised)."""
         reply = M.Reply(results=[])
-        for j, env in enumerate(self.envs):
+        order = (enumerate(self.envs) if env_ids is None
+                 else [(i - self.start, self.envs[i - self.start]) for i in env_ids])
+        for k, (j, env) in enumerate(order):
             try:
-                reply.results.append(fn(j, env))  # type: ignore[union-attr]
+                reply.results.append(fn(k, env))  # type: ignore[union-attr]
             except Exception as exc:
                 reply.results.append(None)  # type: ignore[union-attr]
                 reply.errors.append(EnvError(self.start + j, capture(exc)))
@@ -382,10 +386,11 @@ class Worker:
         if isinstance(request, M.Reset):
             return self.reset_group(request.seeds, request.options, request.mask)
         if isinstance(request, M.Call):
-            return self.per_env(lambda j, env: _call(env, request))
+            return self.per_env(lambda k, env: _call(env, request), request.env_ids)
         if isinstance(request, M.SetAttr):
             return self.per_env(
-                lambda j, env: env.set_wrapper_attr(request.name, request.values[j]))
+                lambda k, env: env.set_wrapper_attr(request.name, request.values[k]),
+                request.env_ids)
         if isinstance(request, M.CheckSpaces):
             return self.per_env(lambda j, env: _check_spaces(env, request))
         if isinstance(request, M.Close):
@@ -401,6 +406,8 @@ def _entries(reply: M.Reply | None) -> int:
 
 
 def _call(env: Env[Any, Any], request: M.Call) -> Any:
+    if callable(request.name):
+        return request.name(env, *request.args, **request.kwargs)
     if request.name in _FORBIDDEN_CALLS:
         raise ValueError(
             f"Trying to call function `{request.name}` with `call`, use `{request.name}` "
