@@ -341,7 +341,7 @@ def _build(env_fns: list[Callable[[], Env[Any, Any]]], rows: list[AutotuneRow],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OversubscribedWarning)
                 envs = AsyncVectorEnv(env_fns, **extra, **row.setting.kwargs())
-            stack.callback(envs.close)
+            stack.callback(_close, envs)
             if row.setting.batch_size == envs.num_envs:
                 envs.reset(seed=0)
         except Exception as exc:
@@ -388,6 +388,14 @@ def _rounds(built: list[AsyncVectorEnv], rows: list[AutotuneRow], planned: int,
                      f"{_rate(row.rates[-1])} env-steps/s")
         last_round = clock() - began
     return planned
+
+
+def _close(envs: AsyncVectorEnv) -> None:
+    """Close ``envs``; after an error or Ctrl-C its partial batches may still be in flight,
+    and dropping their results is what autotune wants, not worth a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*have not been received")
+        envs.close()
 
 
 def _cores() -> set[int]:
