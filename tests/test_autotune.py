@@ -97,10 +97,13 @@ def test_fake_clock_runs_every_planned_round_of_every_setting():
     assert result.best_row.median == max(row.median for row in result.rows)
     assert str(result) == result.format()
     assert "best: AsyncVectorEnv(env_fns, " in str(result)
-    # the progress bar went to `file`: one line per start and per trial, the last complete
-    lines = out.getvalue().splitlines()
+    # the progress bar went to `file`: one line per start and per trial, the last complete;
+    # then the table
+    text = out.getvalue()
+    assert text.endswith(result.format() + "\n")
+    lines = text[:-len(result.format()) - 1].splitlines()
     assert sum("started" in line for line in lines) == 2
-    assert sum("env-steps/s" in line for line in lines) == 6
+    assert sum(": " in line and "env-steps/s" in line for line in lines) == 6
     assert lines[-1].startswith("[####################] 8/8")
     check_best_builds([CARTPOLE] * 2, result)
 
@@ -207,8 +210,9 @@ def test_arguments_are_checked():
         fastvec.autotune(fns, pin=("yes",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="may not set batch_size, num_workers"):
         fastvec.autotune(fns, env_kwargs={"num_workers": 2, "batch_size": 2})
-    with pytest.raises(ValueError, match="budget"):
-        fastvec.autotune(fns, budget=0)
+    for budget in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="budget"):
+            fastvec.autotune(fns, budget=budget)
     with pytest.raises(ValueError, match="rounds"):
         fastvec.autotune(fns, rounds=0)
     with pytest.raises(ValueError, match="at least one environment"):
@@ -317,12 +321,13 @@ def test_cli_autotune_env_prints_the_table_and_the_best_settings(tmp_path):
     assert set(data["best"]) == {"num_workers", "batch_size", "pin_workers"}
 
 
-def test_cli_autotune_workload_with_partial_batches():
+def test_cli_autotune_workload_with_partial_batches_beside_a_busy_process():
     proc = _run("--autotune", "--workload", "cartpole", "--num-envs", "4",
-                "--autotune-partial", "--autotune-budget", "0.5", "--quiet")
+                "--autotune-partial", "--autotune-budget", "0.5", "--quiet", "--contention", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert proc.stdout.startswith("workload cartpole x4\n")
+    assert proc.stdout.startswith("contention: 1 busy-looping process ran beside the trials")
+    assert "\nworkload cartpole x4\n" in proc.stdout
     sizes = {int(m[2]) for line in proc.stdout.splitlines() if (m := ROW.match(line))}
     assert sizes == {4, 2}
 
@@ -335,6 +340,7 @@ def test_cli_autotune_workload_with_partial_batches():
     (("--autotune", "--workload", "cartpole", "--num-workers", "2"), "--num-workers has no"),
     (("--autotune", "--autotune-env", "NoSuchEnv-v0"), "--autotune-env NoSuchEnv-v0"),
     (("--autotune-env", "CartPole-v1"), "--autotune-env needs --autotune"),
+    (("--autotune-budget", "5"), "--autotune-budget needs --autotune"),
 ])
 def test_cli_autotune_usage_errors(args, message):
     proc = _run(*args)

@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -217,15 +218,16 @@ def settings(num_envs: int, cores: int, num_workers: Iterable[int] | None,
     return out
 
 
-def plan_trials(remaining: float, settings: int, rounds: int) -> tuple[int, float]:
-    """(rounds, seconds per trial, warm-up included) that fit ``remaining`` seconds.
+def plan_trials(remaining: float, count: int, rounds: int) -> tuple[int, float]:
+    """(rounds, seconds per trial, warm-up included) for ``count`` settings that fit
+    ``remaining`` seconds.
 
     At least one round always runs, of trials no shorter than :data:`MIN_TRIAL_SECONDS`.
     """
     usable = max(0.0, remaining) * PLANNED_SHARE
-    fit = int(usable // (settings * MIN_TRIAL_SECONDS))
+    fit = int(usable // (count * MIN_TRIAL_SECONDS))
     rounds = max(1, min(rounds, fit))
-    return rounds, max(MIN_TRIAL_SECONDS, usable / (rounds * settings))
+    return rounds, max(MIN_TRIAL_SECONDS, usable / (rounds * count))
 
 
 # -- the search ------------------------------------------------------------------------------
@@ -242,6 +244,7 @@ def autotune(
     env_kwargs: Mapping[str, Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     progress: bool = True,
+    report: bool = True,
     file: TextIO | None = None,
 ) -> AutotuneResult:
     """Time ``AsyncVectorEnv(env_fns, ...)`` at several settings on this machine.
@@ -277,6 +280,8 @@ def autotune(
         The clock the budget and the trials are timed with (a fake one in tests).
     progress
         Draw a progress bar on ``file`` (default ``sys.stderr``).
+    report
+        Print the table on ``file`` when done (it is also ``str(result)``).
 
     Returns
     -------
@@ -293,7 +298,8 @@ def autotune(
     env_fns = list(env_fns)
     if not env_fns:
         raise ValueError("autotune: `env_fns` must hold at least one environment function")
-    if not (isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)):
+    if (isinstance(budget, bool) or not isinstance(budget, (int, float))
+            or not (budget > 0 and math.isfinite(budget))):
         raise ValueError(f"autotune: `budget` must be a positive number of seconds, got "
                          f"{budget!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -324,9 +330,14 @@ def autotune(
             bar.show("autotune: closing")
     finally:
         bar.close()
-    return AutotuneResult(rows, num_envs, cores, float(budget), ran, planned, seconds,
-                          trial - seconds, setup, clock() - start,
-                          Setting(default_num_workers(num_envs), num_envs, None))
+    result = AutotuneResult(rows, num_envs, cores, float(budget), ran, planned, seconds,
+                            trial - seconds, setup, clock() - start,
+                            Setting(default_num_workers(num_envs), num_envs, None))
+    if report:
+        out = sys.stderr if file is None else file
+        out.write(result.format() + "\n")
+        out.flush()
+    return result
 
 
 def _build(env_fns: list[Callable[[], Env[Any, Any]]], rows: list[AutotuneRow],

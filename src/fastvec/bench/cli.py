@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a gymnasium.make id to tune for (e.g. CartPole-v1), instead of --workload; "
              f"default --num-envs {AUTOTUNE_NUM_ENVS}")
     tune.add_argument(
-        "--autotune-budget", type=_positive(float), default=30.0, metavar="S",
+        "--autotune-budget", type=_positive(float), metavar="S",
         help="seconds the search may take, starting the vector envs included (default: 30)")
     tune.add_argument(
         "--autotune-partial", action="store_true",
@@ -366,8 +366,9 @@ def autotune_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     machine = machine_info()
     try:
         with BusyProcesses(args.contention) as busy:
-            result = autotune([env_fn] * num_envs, budget=args.autotune_budget,
-                              partial=args.autotune_partial, progress=not args.quiet)
+            result = autotune([env_fn] * num_envs, budget=args.autotune_budget or 30.0,
+                              partial=args.autotune_partial, progress=not args.quiet,
+                              report=False)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -398,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.autotune:
         return autotune_main(parser, args)
-    for flag in ("autotune_env", "autotune_partial"):
+    for flag in ("autotune_env", "autotune_budget", "autotune_partial"):
         if getattr(args, flag):
             parser.error(f"--{flag.replace('_', '-')} needs --autotune")
     if args.plot and matplotlib_missing():
