@@ -206,8 +206,9 @@ def test_arguments_are_checked():
         fastvec.autotune(fns, batch_sizes=[5], partial=True)
     with pytest.raises(ValueError, match="num_workers candidates"):
         fastvec.autotune(fns, num_workers=[0])
-    with pytest.raises(ValueError, match="pin candidates"):
-        fastvec.autotune(fns, pin=("yes",))  # type: ignore[arg-type]
+    for pin in (("yes",), (1,)):
+        with pytest.raises(ValueError, match="pin candidates"):
+            fastvec.autotune(fns, pin=pin)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="may not set batch_size, num_workers"):
         fastvec.autotune(fns, env_kwargs={"num_workers": 2, "batch_size": 2})
     for budget in (0, -1.0, float("inf"), True):
@@ -239,6 +240,9 @@ def test_settings_time_automatic_pinning_once_where_it_cannot_pin():
         Setting(2, 4, None), Setting(2, 4, False), Setting(2, 4, True),
         Setting(8, 8, None), Setting(8, 8, True), Setting(8, 4, None), Setting(8, 4, True)]
     assert settings(1, 2, None, None, (None,), True) == [Setting(1, 1, None)]
+    # numpy integers are integers; the settings hold plain ints
+    (setting,) = settings(8, 2, [np.int64(2)], [np.int64(8)], (True,), False)
+    assert setting == Setting(2, 8, True) and type(setting.num_workers) is int
 
 
 def test_plan_fits_the_rounds_in_the_budget_and_always_runs_one():
@@ -275,6 +279,10 @@ def test_table_marks_the_best_and_compares_each_row_with_the_defaults():
     text = "\n".join(lines)
     assert "calm: little other work during the trials" in text
     assert "stopped after 3 of 5 planned rounds" in text
+    assert "only with num_workers = 2 (the usable cores); with any other count it never pins, " \
+           "so auto and unpinned are timed once there" in text
+    result.rows.pop()
+    assert "it never pins\n" in result.format()  # no unpinned row: nothing timed once
     assert "took 29.0 s of the 30 s budget (building the vector envs: 1.5 s)" in text
     assert text.endswith("best: AsyncVectorEnv(env_fns, num_workers=2, batch_size=4, "
                          "pin_workers=False)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import statistics
 import sys
@@ -187,24 +188,25 @@ def settings(num_envs: int, cores: int, num_workers: Iterable[int] | None,
     workers = (default_worker_counts(num_envs, cores) if num_workers is None
                else list(num_workers))
     for n in workers:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if (_integer(n) or 0) < 1:
             raise ValueError(f"autotune: num_workers candidates must be integers >= 1, got {n!r}")
-    workers = sorted({min(n, num_envs) for n in workers})
+    workers = sorted({min(operator.index(n), num_envs) for n in workers})
     if batch_sizes is None:
         sizes = [num_envs] + ([num_envs // 2] if partial and num_envs >= 2 else [])
     else:
         sizes = list(dict.fromkeys(batch_sizes))
         for b in sizes:
-            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= num_envs:
+            if not 1 <= (_integer(b) or 0) <= num_envs:
                 raise ValueError(f"autotune: batch_sizes must be integers in [1, num_envs="
                                  f"{num_envs}], got {b!r}")
+        sizes = list(dict.fromkeys(operator.index(b) for b in sizes))
         if not partial and any(b < num_envs for b in sizes):
             raise ValueError(
                 "autotune: batch_size < num_envs needs a trainer that uses send/recv; pass "
                 "partial=True to time it (a trainer that calls step() cannot use it)")
     pins = list(dict.fromkeys(pin))
     for p in pins:
-        if p not in (None, True, False):
+        if p is not None and not isinstance(p, bool):
             raise ValueError(f"autotune: pin candidates must be None, True or False, got {p!r}")
     if not workers or not sizes or not pins:
         raise ValueError("autotune: every list of candidates needs at least one value")
@@ -216,6 +218,16 @@ def settings(num_envs: int, cores: int, num_workers: Iterable[int] | None,
                     continue  # the same as pin_workers=None here
                 out.append(Setting(n, b, p))
     return out
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (numpy's too), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def plan_trials(remaining: float, count: int, rounds: int) -> tuple[int, float]:
@@ -474,9 +486,11 @@ def _notes(result: AutotuneResult) -> list[str]:
                      "as it arrives (pre-sampled actions, no policy); only a trainer written "
                      "for send/recv can use it, one calling step() needs batch_size = num_envs")
     if any(row.setting.pin_workers is None for row in r.rows):
-        notes.append(f"pin_workers auto: pinned one per core while the machine is calm, only "
-                     f"with num_workers = {r.cores} (the usable cores); with any other count "
-                     "it is unpinned, and timed once for both")
+        once = (", so auto and unpinned are timed once there, as auto"
+                if any(row.setting.pin_workers is False for row in r.rows) else "")
+        notes.append(f"pin_workers auto: pinned one per core while the machine is calm, and "
+                     f"only with num_workers = {r.cores} (the usable cores); with any other "
+                     f"count it never pins{once}")
     over = sorted({row.setting.num_workers for row in r.rows if row.oversubscribed})
     if over:
         notes.append(f"!: more workers than the {r.cores} usable cores (OversubscribedWarning "
