@@ -27,7 +27,7 @@ from fastvec._autotune import (
     plan_trials,
     settings,
 )
-from fastvec._pool import usable_cores
+from fastvec._processes import usable_cores
 from fastvec.errors import AutotuneError, OversubscribedWarning
 
 CARTPOLE = functools.partial(gym.make, "CartPole-v1")

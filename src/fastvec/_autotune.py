@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from gymnasium import Env
 from gymnasium.vector.utils import batch_space
 
 from fastvec._load import Contention, MachineLoad
-from fastvec._pool import default_num_workers, usable_cores
+from fastvec._processes import affinity, default_num_workers, usable_cores
 from fastvec.errors import AutotuneError, OversubscribedWarning
 from fastvec.vector_env import AsyncVectorEnv
 
@@ -387,7 +386,8 @@ def _rounds(built: list[AsyncVectorEnv], rows: list[AutotuneRow], planned: int,
     space = batch_space(first.single_action_space, first.num_envs)
     space.seed(0)
     actions = [space.sample() for _ in range(ACTION_BATCHES)]
-    load = MachineLoad(sorted(_cores()), lambda: _worker_pids(built))
+    # the calling thread runs the trial loops: its CPU time is autotune's, not other work
+    load = MachineLoad(sorted(affinity()), lambda: _worker_pids(built), time.thread_time)
     last_round = 0.0
     for r in range(planned):
         began = clock()
@@ -419,13 +419,6 @@ def _close(envs: AsyncVectorEnv) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have not been received")
         envs.close()
-
-
-def _cores() -> set[int]:
-    try:
-        return os.sched_getaffinity(0)
-    except AttributeError:  # not Linux: MachineLoad reads nothing there anyway
-        return set(range(os.cpu_count() or 1))
 
 
 def _worker_pids(built: list[AsyncVectorEnv]) -> list[int]:
