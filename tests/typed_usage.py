@@ -58,6 +58,14 @@ def use() -> None:
     assert_type(made, AsyncVectorEnv)
     made.close()
 
+    tuned = fastvec.autotune([functools.partial(gym.make, "CartPole-v1")] * 4, budget=5.0,
+                             num_workers=[1, 2], pin=(None, False, True), partial=True)
+    assert_type(tuned, fastvec.AutotuneResult)
+    assert_type(tuned.best, dict[str, Any])
+    assert_type(tuned.busy, bool | None)
+    AsyncVectorEnv([functools.partial(gym.make, "CartPole-v1")] * 4, **tuned.best).close()
+    fastvec.autotune([], budget="30")  # type: ignore[arg-type]
+
     register_layout(Angles, lambda s: Box(s.low, s.high, dtype=s.dtype))
     register_layout(Angles)  # type: ignore[call-arg]
 

@@ -4,9 +4,11 @@
 """
 
 from fastvec import errors
+from fastvec._autotune import AutotuneResult, autotune
 from fastvec._version import __version__
 from fastvec.layout import register_layout
 from fastvec.registration import make_vec
 from fastvec.vector_env import AsyncVectorEnv
 
-__all__ = ["AsyncVectorEnv", "__version__", "errors", "make_vec", "register_layout"]
+__all__ = ["AsyncVectorEnv", "AutotuneResult", "__version__", "autotune", "errors", "make_vec",
+           "register_layout"]

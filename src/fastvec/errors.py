@@ -8,6 +8,7 @@ from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoA
 
 __all__ = [
     "AlreadyPendingCallError",
+    "AutotuneError",
     "ClosedEnvironmentError",
     "InvalidActionsError",
     "NoAsyncCallError",
@@ -27,6 +28,12 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f"\n\nRemote traceback (from the worker process):\n{self.text}"
+
+
+class AutotuneError(RuntimeError):
+    """An env raised while :func:`fastvec.autotune` built or timed a vector env: the message
+    names the setting, the env's exception is the ``__cause__``. Every vector env the search
+    built is closed when it is raised."""
 
 
 class OversubscribedWarning(RuntimeWarning):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gymnasium as gym
+
+from fastvec.bench.contention import BusyProcesses
 from fastvec.bench.plot import MISSING_MATPLOTLIB, matplotlib_missing, plot_results
 from fastvec.bench.runner import (
     ACTION_BATCHES,
@@ -24,8 +28,10 @@ from fastvec.bench.runner import (
     usable_cores,
 )
 from fastvec.bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
+from fastvec.errors import AutotuneError
 
-__all__ = ["build_parser", "format_header", "format_notes", "format_table", "main", "ratios"]
+__all__ = ["autotune_main", "build_parser", "format_header", "format_notes", "format_table",
+           "main", "ratios"]
 
 _DESCRIPTION = """\
 Compare fastvec.AsyncVectorEnv with gymnasium's AsyncVectorEnv and SyncVectorEnv, all at
@@ -67,7 +73,16 @@ examples:
   python -m fastvec.bench --workload compute --num-workers 2 --json out.json
   python -m fastvec.bench --workload jitter,policy --seconds 1
   python -m fastvec.bench --workload compute --contention 2
+  python -m fastvec.bench --autotune --autotune-env CartPole-v1 --num-envs 16
+  python -m fastvec.bench --autotune --workload compute --autotune-partial --autotune-budget 60
+
+--autotune times fastvec alone at several settings (num_workers, batch_size, pin_workers) for
+one env on this machine, within --autotune-budget seconds, prints the table and the best
+settings as AsyncVectorEnv keyword arguments (fastvec.autotune from Python).
 """
+
+#: Sub-environments --autotune-env tunes for when --num-envs is not given.
+AUTOTUNE_NUM_ENVS = 16
 
 
 def _csv(choices: Sequence[str] | None = None,
@@ -170,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true",
         help="no progress bar on stderr; the table is still printed")
+    tune = parser.add_argument_group(
+        "autotune", "instead of the comparison, find fastvec's fastest settings for one env")
+    tune.add_argument(
+        "--autotune", action="store_true",
+        help="try num_workers, batch_size and pin_workers for one env (--workload NAME or "
+             "--autotune-env ID, at one --num-envs) and print the table and the best "
+             "AsyncVectorEnv keyword arguments; --contention and --json apply, the other "
+             "comparison flags do not")
+    tune.add_argument(
+        "--autotune-env", metavar="ID",
+        help="a gymnasium.make id to tune for (e.g. CartPole-v1), instead of --workload; "
+             f"default --num-envs {AUTOTUNE_NUM_ENVS}")
+    tune.add_argument(
+        "--autotune-budget", type=_positive(float), metavar="S",
+        help="seconds the search may take, starting the vector envs included (default: 30)")
+    tune.add_argument(
+        "--autotune-partial", action="store_true",
+        help="the trainer uses partial batches (send/recv): also try batch_size = "
+             "num_envs // 2")
     return parser
 
 
@@ -291,8 +325,83 @@ def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _autotune_target(parser: argparse.ArgumentParser, args: argparse.Namespace
+                     ) -> tuple[str, Callable[[], Any], int]:
+    """(what is tuned, its env function, num_envs) from the flags, or a usage error."""
+    if args.autotune_env and args.workload:
+        parser.error("--autotune takes --workload NAME or --autotune-env ID, not both")
+    if not args.autotune_env and not args.workload:
+        parser.error("--autotune needs the env to tune for: --workload NAME or "
+                     "--autotune-env ID (a gymnasium.make id)")
+    for flag, value in (("--num-workers", args.num_workers), ("--backends", args.backends),
+                        ("--plot", args.plot)):
+        if value is not None:
+            parser.error(f"{flag} has no effect with --autotune (it times fastvec alone and "
+                         "chooses num_workers itself)")
+    if args.num_envs and len(set(args.num_envs)) > 1:
+        parser.error("--autotune tunes for one --num-envs value")
+    if args.autotune_env:
+        try:
+            gym.spec(args.autotune_env)
+        except gym.error.Error as exc:
+            parser.error(f"--autotune-env {args.autotune_env}: {exc}")
+        num_envs = args.num_envs[0] if args.num_envs else AUTOTUNE_NUM_ENVS
+        return args.autotune_env, functools.partial(gym.make, args.autotune_env), num_envs
+    names = list(dict.fromkeys(args.workload))
+    if len(names) > 1:
+        parser.error("--autotune tunes for one --workload")
+    workload = WORKLOADS[names[0]]
+    reason = workload.unavailable()
+    if reason is not None:
+        parser.error(f"--workload {workload.name}: {reason}")
+    num_envs = args.num_envs[0] if args.num_envs else workload.default_num_envs
+    return f"workload {workload.name}", workload.factory(), num_envs
+
+
+def autotune_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--autotune``: the search, its table on stdout and (with ``--json``) its numbers."""
+    from fastvec._autotune import autotune
+
+    target, env_fn, num_envs = _autotune_target(parser, args)
+    machine = machine_info()
+    try:
+        with BusyProcesses(args.contention) as busy:
+            result = autotune([env_fn] * num_envs, budget=args.autotune_budget or 30.0,
+                              partial=args.autotune_partial, progress=not args.quiet,
+                              report=False)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except AutotuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.contention:
+        s = "" if args.contention == 1 else "es"
+        print(f"contention: {args.contention} busy-looping process{s} ran beside the trials "
+              "(their work counts as other work)")
+    print(f"{target} x{num_envs}")
+    print(result.format())
+    print(f"{machine['cpu_model']}, {machine['usable_cores']} usable cores; python "
+          f"{machine['python'].split()[-1]}, gymnasium {machine['gymnasium']}, fastvec "
+          f"{machine['fastvec']}; {machine['date']}")
+    if args.json:
+        payload = {"machine": machine, "target": target,
+                   "contention": {"processes": args.contention, "ran": busy.ran},
+                   **result.to_json()}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.autotune:
+        return autotune_main(parser, args)
+    for flag in ("autotune_env", "autotune_budget", "autotune_partial"):
+        if getattr(args, flag):
+            parser.error(f"--{flag.replace('_', '-')} needs --autotune")
     if args.plot and matplotlib_missing():
         # Say so now rather than after minutes of measuring.
         print(f"error: {MISSING_MATPLOTLIB}", file=sys.stderr)

@@ -269,9 +269,10 @@ Policy = Callable[[Any], Any]
 LoopMode = Callable[[Any, Policy, float, float], tuple[int, float]]
 
 
-def _timed(tick: Callable[[], int], seconds: float, warmup: float) -> tuple[int, float]:
-    """Calls ``tick`` (which returns env-steps done) for ``warmup`` then ``seconds``."""
-    clock = time.perf_counter
+def _timed(tick: Callable[[], int], seconds: float, warmup: float,
+           clock: Callable[[], float] = time.perf_counter) -> tuple[int, float]:
+    """Calls ``tick`` (which returns env-steps done) for ``warmup`` then ``seconds`` of
+    ``clock``."""
     deadline = clock() + warmup
     while clock() < deadline:
         tick()
@@ -323,27 +324,33 @@ def double_buffered_loop(envs: PartialBatchVectorEnv, policy: Policy, seconds: f
 
 
 def partial_loop(envs: PartialBatchVectorEnv, actions: Sequence[Any], seconds: float,
-                 warmup: float) -> tuple[int, float]:
+                 warmup: float,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[int, float]:
     """Partial batches with pre-sampled actions and no policy: each batch's actions go back
     the moment it comes, so no env waits for the slowest of the whole batch.
 
     ``actions`` are whole batches (a power-of-two count of them); each send takes the first
-    rows. As in :func:`double_buffered_loop` the half still in flight is received at the end.
+    rows. As in :func:`double_buffered_loop` the envs still in flight are received at the
+    end (with any ``batch_size``, not only ``num_envs // 2``).
     """
     envs.async_reset(seed=0)
     env_ids = envs.recv()[4]["env_id"]
+    outstanding = envs.num_envs - len(env_ids)
     mask = len(actions) - 1
     sent = 0
 
     def tick() -> int:
-        nonlocal env_ids, sent
+        nonlocal env_ids, sent, outstanding
         envs.send(actions[sent & mask][:len(env_ids)], env_ids)
         sent += 1
+        outstanding += len(env_ids)
         env_ids = envs.recv()[4]["env_id"]
+        outstanding -= len(env_ids)
         return len(env_ids)
 
-    result = _timed(tick, seconds, warmup)
-    envs.recv()
+    result = _timed(tick, seconds, warmup, clock)
+    while outstanding > 0:
+        outstanding -= len(envs.recv()[4]["env_id"])
     return result
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 import gymnasium as gym
 import numpy as np
@@ -145,9 +145,10 @@ def _processes(envs: gym.vector.VectorEnv) -> int:
 
 def _timed_loop(step: Callable[[Any], Any], actions: Sequence[Any], seconds: float,
                 warmup: float, after_warmup: Callable[[], None] | None = None,
-                on_done: Callable[[Any], None] | None = None) -> tuple[int, float]:
-    """Calls ``step`` for ``warmup`` then ``seconds``; returns (calls, elapsed) timed."""
-    clock = time.perf_counter
+                on_done: Callable[[Any], None] | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[int, float]:
+    """Calls ``step`` for ``warmup`` then ``seconds`` of ``clock``; returns (calls, elapsed)
+    timed."""
     mask = len(actions) - 1  # a power of two
     calls = 0
     deadline = clock() + warmup
@@ -172,9 +173,10 @@ def _timed_loop(step: Callable[[Any], Any], actions: Sequence[Any], seconds: flo
 
 
 def time_vector_env(envs: gym.vector.VectorEnv, actions: Sequence[Any], seconds: float,
-                    warmup: float) -> tuple[int, float]:
+                    warmup: float,
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[int, float]:
     """(env-steps, elapsed seconds) of repeated ``envs.step`` after a warm-up."""
-    calls, elapsed = _timed_loop(envs.step, actions, seconds, warmup)
+    calls, elapsed = _timed_loop(envs.step, actions, seconds, warmup, clock=clock)
     return calls * envs.num_envs, elapsed
 
 
@@ -255,7 +257,8 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """A progress bar on stderr: where the run is, elapsed time and the estimated total.
+    """A progress bar on stderr (or ``file``): where the run is, elapsed time and the estimated
+    total.
 
     ``[#######.............]  14/39  0:33 / ~1:31  cartpole x32 rep 2/3 gym-async ...``
 
@@ -266,16 +269,20 @@ class Progress:
 
     BAR_WIDTH = 20
 
-    def __init__(self, total: int, unit_seconds: float, enabled: bool) -> None:
+    def __init__(self, total: int, unit_seconds: float, enabled: bool,
+                 file: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.done, self.enabled = total, 0, enabled
         self.unit_seconds = unit_seconds
-        self.tty = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
+        self.file = sys.stderr if file is None else file
+        self.clock = clock
+        self.tty = enabled and self.file.isatty()
+        self.start = clock()
         self._width = 0
 
     def estimate(self) -> float:
         """Estimated total seconds of the run: the pace so far, applied to what is left."""
-        elapsed = time.monotonic() - self.start
+        elapsed = self.clock() - self.start
         # Before any unit is done only the timed seconds are known; setup and teardown show
         # up in the observed pace, which also never drops below the timed seconds.
         pace = self.unit_seconds if self.done == 0 else max(self.unit_seconds,
@@ -286,7 +293,7 @@ class Progress:
         filled = self.BAR_WIDTH * self.done // max(1, self.total)
         bar = "#" * filled + "." * (self.BAR_WIDTH - filled)
         width = len(str(self.total))
-        elapsed = time.monotonic() - self.start
+        elapsed = self.clock() - self.start
         return (f"[{bar}] {self.done:>{width}}/{self.total}  {_clock(elapsed)} / "
                 f"~{_clock(self.estimate())}  {text}")
 
@@ -299,11 +306,11 @@ class Progress:
             columns = shutil.get_terminal_size((100, 24)).columns
             line = line[:max(20, columns - 1)]
             pad = max(0, self._width - len(line))
-            sys.stderr.write("\r" + line + " " * pad)
+            self.file.write("\r" + line + " " * pad)
             self._width = len(line)
         else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            self.file.write(line + "\n")
+        self.file.flush()
 
     def step(self, text: str) -> None:
         self.done += 1
@@ -314,15 +321,15 @@ class Progress:
         if not self.enabled:
             return
         if self.tty:
-            sys.stderr.write("\r" + " " * self._width + "\r")
+            self.file.write("\r" + " " * self._width + "\r")
             self._width = 0
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
+        self.file.write(text + "\n")
+        self.file.flush()
 
     def close(self) -> None:
         if self.enabled and self.tty:
-            sys.stderr.write("\r" + " " * self._width + "\r")
-            sys.stderr.flush()
+            self.file.write("\r" + " " * self._width + "\r")
+            self.file.flush()
 
 
 def _fmt_rate(rate: float) -> str:
