@@ -28,11 +28,11 @@ def merge_infos(total: dict[str, Any], part: dict[str, Any], offset: int, rows: 
     for key, value in part.items():
         if key in masks:
             continue
+        merged: Any
         if isinstance(value, dict):
             merged = merge_infos(total.get(key, {}), value, offset, rows, num_rows)
         else:
-            merged = _place(total.get(key), np.asarray(value) if not isinstance(
-                value, np.ndarray) else value, where, num_rows)
+            merged = _place(total.get(key), np.asarray(value), where, num_rows)
         mask = total.get(f"_{key}")
         if mask is None:
             mask = np.zeros(num_rows, dtype=np.bool_)

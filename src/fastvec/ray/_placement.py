@@ -68,8 +68,8 @@ def _split(num_envs: int, num_actors: int, envs_per_actor: int | None) -> list[r
 
 
 def _alive_nodes(cpus: float) -> int:
-    return sum(1 for node in ray.nodes()
-               if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= cpus)
+    return len([node for node in ray.nodes()
+                if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= cpus])
 
 
 def plan_placement(num_envs: int, *, num_nodes: int | None, num_actors: int | None,
@@ -129,19 +129,20 @@ def reserve(placement: Placement, timeout: float | None) -> None:
             f"CPUs{', ' + str(spec.resources) if spec.resources else ''} each, strategy "
             f"{placement.strategy}) within {timeout} s: the cluster has "
             f"{ray.cluster_resources().get('CPU', 0):g} CPUs on "
-            f"{sum(1 for n in ray.nodes() if n.get('Alive'))} alive nodes and "
+            f"{len([n for n in ray.nodes() if n.get('Alive')])} alive nodes and "
             f"{ray.available_resources().get('CPU', 0):g} free.")
 
 
-_REMOTE: Any = None
+_REMOTE: dict[str, Any] = {}
 
 
 def start_actors(placement: Placement, env_fns: list[Any], options: dict[str, Any],
                  restart: bool) -> list[Any]:
     """One started (not yet ready) actor per spec, in its bundle."""
-    global _REMOTE
-    if _REMOTE is None:
-        _REMOTE = ray.remote(NodePool)
+    remote = _REMOTE.get("NodePool")
+    if remote is None:
+        remote = _REMOTE["NodePool"] = ray.remote(NodePool)
+    assert placement.group is not None, "reserve() first"
     handles = []
     for spec in placement.actors:
         actor_options = {
@@ -152,7 +153,7 @@ def start_actors(placement: Placement, env_fns: list[Any], options: dict[str, An
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement.group, placement_group_bundle_index=spec.bundle),
         }
-        handles.append(_REMOTE.options(**actor_options).remote(
+        handles.append(remote.options(**actor_options).remote(
             [env_fns[i] for i in spec.envs], spec.envs.start,
             {**options, "num_workers": spec.num_workers}))
     return handles

@@ -164,6 +164,7 @@ class RayVectorEnv(VectorEnv):
         self._gathered = Gathered()
         self._call_args: tuple[str, tuple[Any, ...], dict[str, Any]] | None = None
         self._out: Any = None  # copy=False's reused observation buffers
+        self._node_obs: list[Any] = []  # each node's last observations (whole batches)
         # partial batches: envs in flight (oldest send first), finished entries, stale envs
         self._flight: dict[Any, _Entry] = {}
         self._done: deque[_Entry] = deque()
@@ -363,8 +364,14 @@ class RayVectorEnv(VectorEnv):
         return (B.take(self.single_observation_space, obs, local), np.zeros(n),
                 np.zeros(n, np.bool_), np.ones(n, np.bool_), infos)
 
-    def _join(self, results: Sequence[StepResult], sizes: Sequence[int]) -> StepResult:
-        """Node results one after the other, as one batch (infos merged at offsets)."""
+    def _join(self, results: Sequence[StepResult], sizes: Sequence[int],
+              record: bool = False) -> StepResult:
+        """Node results one after the other, as one batch (infos merged at offsets);
+        ``record``: one whole result per node, kept as the nodes' last observations."""
+        if record:
+            # every node's observations as Ray returned them (read-only, so never changed):
+            # what a reset_mask that leaves a node out returns for its rows
+            self._node_obs = [r[0] for r in results]
         total = sum(sizes)
         infos: dict[str, Any] = {}
         offset = 0
@@ -450,18 +457,10 @@ class RayVectorEnv(VectorEnv):
             if node.index in gathered.results:
                 obs, infos = gathered.results[node.index]
             else:  # masked out entirely: the node's last observations stand
-                obs, infos = self._last_rows(node), {}
+                obs, infos = self._node_obs[node.index], {}
             results.append((obs, np.zeros(0), np.zeros(0), np.zeros(0), infos))
-        obs, _, _, _, infos = self._join(results, [len(n.envs) for n in self._nodes])
-        self._last_obs = obs
+        obs, _, _, _, infos = self._join(results, [len(n.envs) for n in self._nodes], True)
         return obs, infos
-
-    def _last_rows(self, node: Node) -> Any:
-        last = getattr(self, "_last_obs", None)
-        if last is None:
-            raise ValueError(f"`reset_mask` leaves the envs of {node} out before their "
-                             "first reset")
-        return B.cut(self.single_observation_space, last, node.envs.start, node.envs.stop)
 
     # -- step ------------------------------------------------------------------------------
     def step(self, actions: Any, env_ids: Any = None) -> StepResult:
@@ -511,7 +510,7 @@ class RayVectorEnv(VectorEnv):
                                                 k in skipped))
             else:
                 results.append(gathered.results[k])
-        return self._join(results, [len(n.envs) for n in self._nodes])
+        return self._join(results, [len(n.envs) for n in self._nodes], True)
 
     def _with_stale(self, node: Node, stepped: StepResult | None, stale: set[int],
                     skipped: bool) -> StepResult:
@@ -585,11 +584,11 @@ class RayVectorEnv(VectorEnv):
             node_ids = [ids[k] for k in positions]
             stale = self._stale.get(n, set())
             now = [i for i in node_ids if i in stale]
+            keep = [k for k in positions if ids[k] not in stale]
             if now:  # a restarted node's idle envs: reported at once, not stepped
                 entry = _Entry(node, now, False)
                 entry.result = self._restarted_rows(node, now)
                 self._done.append(entry)
-            keep = [k for k in positions if ids[k] not in stale]
             if keep:
                 local = [ids[k] - node.envs.start for k in keep]
                 part = B.take(self.single_action_space, actions, keep)
@@ -675,7 +674,7 @@ class RayVectorEnv(VectorEnv):
                 *rows, infos = value
                 local = infos.pop("env_id")
                 entry.ids = [int(i) + node.envs.start for i in local]
-                entry.result = (*rows, infos)  # type: ignore[assignment]
+                entry.result = (rows[0], rows[1], rows[2], rows[3], infos)
         self._done.append(entry)
 
     def _batch(self, entries: list[_Entry]) -> StepResult:
@@ -815,7 +814,7 @@ def _check_rows(space: Space[Any], actions: Any, n: int) -> None:
 
 def _same_shape(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.shape == b.shape and a.dtype == b.dtype
+        return bool(a.shape == b.shape and a.dtype == b.dtype)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_shape(a[k], b[k]) for k in a)
     if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
