@@ -74,7 +74,7 @@ examples:
 
 #: --ray's workloads, and their numbers of envs unless --num-envs says otherwise: enough
 #: envs per step that a step's work is several times Ray's per-call cost (see README).
-RAY_WORKLOADS = {"compute": 128, "cartpole": 32}
+RAY_WORKLOADS: dict[str, Sequence[int]] = {"compute": (32, 128), "cartpole": (32,)}
 
 
 def _csv(choices: Sequence[str] | None = None,
@@ -125,6 +125,10 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _sizes(workload: str, sizes: Sequence[int]) -> str:
+    return f"{workload} " + ",".join(f"x{n}" for n in sizes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastvec.bench", description=_DESCRIPTION, epilog=_EPILOG,
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
              f"usable cores split between them), fastvec (local, the same cores) and "
              f"{TIANSHOU_RAY} (Tianshou's RayVectorEnv: one actor and one remote call per env "
              f"per step) on a local Ray cluster started for the run; default workloads "
-             f"{', '.join(f'{w} x{n}' for w, n in RAY_WORKLOADS.items())} (needs "
+             f"{', '.join(_sizes(w, n) for w, n in RAY_WORKLOADS.items())} (needs "
              "fastvec[ray]; the tianshou row is skipped with a note without tianshou)")
     parser.add_argument(
         "--ray-nodes", type=_positive(int), default=2, metavar="N",

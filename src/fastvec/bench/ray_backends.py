@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "FASTVEC_RAY",
     "RAY_BACKENDS",
+    "TIANSHOU_MAX_ENVS",
     "TIANSHOU_RAY",
     "LocalCluster",
     "TianshouRayVectorEnv",
@@ -32,6 +33,8 @@ __all__ = [
 FASTVEC_RAY = "fastvec-ray"
 TIANSHOU_RAY = "tianshou-ray"
 RAY_BACKENDS = (FASTVEC_RAY, TIANSHOU_RAY)
+#: Tianshou's row runs up to this many envs (one actor process, importing torch, per env).
+TIANSHOU_MAX_ENVS = 32
 
 
 def ray_missing() -> str | None:

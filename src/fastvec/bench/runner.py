@@ -32,6 +32,7 @@ from fastvec.bench.policy import (
 )
 from fastvec.bench.ray_backends import (
     RAY_BACKENDS,
+    TIANSHOU_MAX_ENVS,
     TIANSHOU_RAY,
     LocalCluster,
     cpus_per_node,
@@ -97,7 +98,8 @@ class BenchConfig:
     warmup: float = 0.3
     contention: int = 0  # busy-looping processes running beside the timed runs
     ray_nodes: int = 0  # --ray: local Ray nodes for the fastvec-ray/tianshou-ray rows
-    num_envs_of: dict[str, int] = field(default_factory=dict)  # per-workload defaults
+    # per-workload numbers of envs when num_envs is None (else each workload's default)
+    num_envs_of: dict[str, Sequence[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -363,8 +365,8 @@ def _cases(config: BenchConfig, skip: Sequence[str] = ()) -> list[tuple[Workload
         if name in skip:
             continue
         workload = WORKLOADS[name]
-        default = config.num_envs_of.get(name, workload.default_num_envs)
-        for n in (config.num_envs or [default]):
+        default = config.num_envs_of.get(name, [workload.default_num_envs])
+        for n in (config.num_envs or default):
             cases.append((workload, int(n)))
     return cases
 
@@ -435,7 +437,16 @@ def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[
     want_ceiling = CEILING in config.backends
     cases = _cases(config, skip=tuple(skipped))
     ray_rows = config.ray_nodes and any(b in RAY_BACKENDS for b in backends)
-    total = sum(config.repeats * (len(contenders(w, n, backends)) + (want_ceiling and w.ceiling))
+    rows_of = {}
+    for w, n in cases:
+        rows = contenders(w, n, backends)
+        if n > TIANSHOU_MAX_ENVS and any(r.backend == TIANSHOU_RAY for r in rows):
+            rows = [r for r in rows if r.backend != TIANSHOU_RAY]
+            skipped[f"{TIANSHOU_RAY} {w.name} x{n}"] = (
+                f"one Ray actor per env, each a process that imports torch: more than "
+                f"{TIANSHOU_MAX_ENVS} do not fit a small machine")
+        rows_of[w.name, n] = rows
+    total = sum(config.repeats * (len(rows_of[w.name, n]) + (want_ceiling and w.ceiling))
                 for w, n in cases)
     bar = Progress(total, config.seconds + config.warmup, progress)
     results: list[Result] = []
@@ -456,7 +467,7 @@ def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[
             extra["contention"] = {"processes": config.contention, "pids": busy.pids}
             for (workload, num_envs), prep in zip(cases, prepared, strict=True):
                 results.extend(_run_case(workload, num_envs, prep,
-                                         contenders(workload, num_envs, backends),
+                                         rows_of[workload.name, num_envs],
                                          want_ceiling and workload.ceiling, config, bar))
         extra["contention"]["ran"] = busy.ran
     finally:

@@ -740,6 +740,12 @@ class RayVectorEnv(VectorEnv):
         terminate
             Kill the actors at once without closing the sub-environments.
         """
+        if not ray.is_initialized():
+            # the caller shut Ray down first: the actors went with it (a remote call now
+            # would start a new local Ray instance)
+            self._nodes = []
+            self.placement.group = None
+            return
         if self._state != AsyncState.DEFAULT and self._broken is None:
             logger.warn(f"Calling `close` while waiting for a pending call to "
                         f"`{self._state.value}` to complete.")
