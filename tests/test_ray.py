@@ -505,3 +505,34 @@ def test_the_leak_guard_excludes_ray_daemons_and_never_an_actor(cluster: Any) ->
         assert len(daemons) >= 3 and all(_is_ray_infrastructure(p) for p in daemons)
     finally:
         envs.close()
+
+
+def test_observation_modes_and_a_vector_wrapper(cluster: Any) -> None:
+    from gymnasium.vector.utils import batch_space
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    box = spaces.Box(-1.0, 1.0, (3,), np.float32)
+    fns = [functools.partial(test_envs.SpaceEnv, box, index=i) for i in range(4)]
+    custom = (batch_space(box, 4), box)
+    envs = RecordEpisodeStatistics(RayVectorEnv(fns, observation_mode=custom))
+    ref = RecordEpisodeStatistics(SyncVectorEnv(fns, observation_mode=custom))
+    try:
+        assert envs.observation_space == ref.observation_space
+        assert_same(envs.reset(seed=2), ref.reset(seed=2), "reset")
+        for t in range(30):
+            actions = np.full(4, t % 4)
+            assert_same(envs.step(actions), ref.step(actions), f"step {t}")
+    finally:
+        envs.close()
+        ref.close()
+    wide = [functools.partial(test_envs.SpaceEnv, spaces.Box(-i - 1.0, i + 1.0, (3,),
+                                                             np.float32), index=i)
+            for i in range(4)]
+    envs = RayVectorEnv(wide, observation_mode="different")
+    ref = SyncVectorEnv(wide, observation_mode="different")
+    try:
+        assert envs.observation_space == ref.observation_space
+        assert_same(envs.reset(seed=1), ref.reset(seed=1), "reset")
+    finally:
+        envs.close()
+        ref.close()

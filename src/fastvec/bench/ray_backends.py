@@ -10,6 +10,7 @@ call per env per step) behind the few ``VectorEnv`` names the timed loop uses.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -92,9 +93,9 @@ class TianshouRayVectorEnv:
     (``reset(env_id=...)``: one more remote call per done env)."""
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]]) -> None:
-        from tianshou.env import RayVectorEnv
-
-        self.envs = RayVectorEnv(env_fns)
+        # imported by name: Tianshou is optional, and mypy need not know it
+        tianshou_env: Any = importlib.import_module("tianshou.env")
+        self.envs = tianshou_env.RayVectorEnv(env_fns)
         self.num_envs = len(env_fns)
         probe = env_fns[0]()
         self.single_action_space = probe.action_space
@@ -104,7 +105,8 @@ class TianshouRayVectorEnv:
     def reset(self, *, seed: int | None = None) -> tuple[Any, Any]:
         if seed is not None:  # env i gets seed + i, as in the other rows
             self.envs.seed([seed + i for i in range(self.num_envs)])
-        return self.envs.reset()
+        obs, infos = self.envs.reset()
+        return obs, infos
 
     def step(self, actions: Any) -> tuple[Any, ...]:
         obs, rewards, terminations, truncations, infos = self.envs.step(actions)
@@ -119,7 +121,13 @@ class TianshouRayVectorEnv:
         return self.num_envs
 
     def close(self) -> None:
+        import ray
+
         self.envs.close()
+        # Tianshou's close leaves its actors alive (each an idle Ray worker taking a few % of
+        # a core) until their handles are collected: end them now, before the next case
+        for worker in self.envs.workers:
+            ray.kill(worker.env, no_restart=True)
 
 
 def make_ray_backend(backend: str, env_fns: list[Callable[[], gym.Env]],
