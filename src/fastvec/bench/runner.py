@@ -484,9 +484,11 @@ def _start(rows: Sequence[Contender], env_fn: Callable[[], gym.Env], num_envs: i
         bar.show(f"{label}: starting {row.label}")
         start = time.perf_counter()
         try:
+            ray: dict[str, Any] = ({"ray_nodes": config.ray_nodes}
+                                   if row.backend in RAY_BACKENDS else {})
             env = make_backend(row.backend, env_fn, num_envs,
                                config.num_workers if row.backend == "fastvec" else None,
-                               batch_size=row.batch_size, ray_nodes=config.ray_nodes)
+                               batch_size=row.batch_size, **ray)
         except Exception as exc:
             results[row.label].error = f"{type(exc).__name__}: {exc}"
             continue
