@@ -20,7 +20,7 @@ from gymnasium import Env, Space, logger
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_differing_spaces, batch_space
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
 from fastvec import _arguments as A
@@ -34,6 +34,9 @@ from fastvec.vector_env import DEFAULT_START_TIMEOUT, AsyncState
 __all__ = ["RayVectorEnv"]
 
 StepResult = tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]
+
+# Seconds between calls to an actor Ray is still restarting.
+RESTART_POLL = 0.1
 
 
 class _Entry:
@@ -330,13 +333,22 @@ class RayVectorEnv(VectorEnv):
         """Wait for Ray to restart ``node``'s actor and reset its envs (seed None)."""
         logger.warn(f"{node} died during `{doing}`; Ray is restarting it "
                     "(restart_workers=True).")
+        deadline = None if self.start_timeout is None else time.monotonic() + self.start_timeout
         for method in ("describe", "recover"):
-            refs = {node.index: getattr(node.handle, method).remote()}
-            try:
-                got = gather(refs, Gathered(), self.start_timeout, method)
-            except multiprocessing.TimeoutError as timeout:
-                self._broken = died(node, timeout, False, doing)
-                raise self._broken from exc
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                refs = {node.index: getattr(node.handle, method).remote()}
+                try:
+                    got = gather(refs, Gathered(), left, method)
+                except multiprocessing.TimeoutError as timeout:
+                    self._broken = died(node, timeout, False, doing)
+                    raise self._broken from exc
+                cause = got.deaths.get(node.index)
+                if (isinstance(cause, ActorUnavailableError)
+                        and (deadline is None or time.monotonic() < deadline)):
+                    time.sleep(RESTART_POLL)  # still restarting: Ray refuses calls until up
+                    continue
+                break
             if node.index not in got.results:
                 cause = next(iter((*got.deaths.values(), *got.errors.values())))
                 self._broken = died(node, cause, False, doing)
