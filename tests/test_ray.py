@@ -517,10 +517,9 @@ def test_the_leak_guard_excludes_ray_daemons_and_never_an_actor(cluster: Any) ->
 
 
 def test_observation_modes_and_a_vector_wrapper(cluster: Any) -> None:
+    import gymnasium as gym
     from gymnasium.vector.utils import batch_space
     from gymnasium.wrappers.vector import RecordEpisodeStatistics
-
-    import gymnasium as gym
 
     fns = [functools.partial(gym.make, "CartPole-v1")] * 4
     box = gym.make("CartPole-v1").observation_space
