@@ -129,11 +129,15 @@ def segments_gone(names: list[str | None], within: float = 10.0) -> bool:
 def processes_gone(pids: list[int | None], within: float = 10.0) -> bool:
     import psutil
 
+    def alive(pid: int | None) -> bool:
+        try:
+            return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # also when it exits while being asked
+            return False
+
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [p for p in pids if p is not None and psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
+        if not any(alive(p) for p in pids):
             return True
         time.sleep(0.1)
     return False

@@ -398,10 +398,10 @@ class RayVectorEnv(VectorEnv):
 
     def _reuse(self, obs: Any) -> Any:
         """copy=False: the batch written into the buffers the last call returned."""
-        if self._out is None or not _same_shape(self._out, obs):
+        if self._out is None or not B.same_shape(self._out, obs):
             self._out = obs
             return obs
-        _copy_into(self._out, obs)
+        B.copy_into(self._out, obs)
         return self._out
 
     # -- reset -----------------------------------------------------------------------------
@@ -488,7 +488,7 @@ class RayVectorEnv(VectorEnv):
         """Send each node its slice of the action batch, one remote call per node."""
         self._assert_is_running()
         self._assert_not_pending("step_async")
-        _check_rows(self.action_space, actions, self.num_envs)
+        B.check_rows(self.action_space, actions, self.num_envs)
         space = self.single_action_space
         calls = {}
         for node in self._nodes:
@@ -587,7 +587,7 @@ class RayVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `send` for envs {sorted(busy.intersection(ids))}, which are still in "
                 "flight (sent and not yet returned by `recv`).", "recv")
-        _check_rows(batch_space(self.single_action_space, len(ids)), actions, len(ids))
+        B.check_rows(batch_space(self.single_action_space, len(ids)), actions, len(ids))
         by_node: dict[int, list[int]] = {}
         for k, i in enumerate(ids):
             by_node.setdefault(self._node_of(i).index, []).append(k)
@@ -796,57 +796,3 @@ class RayVectorEnv(VectorEnv):
                 self.close(terminate=True)
             except Exception:
                 pass
-
-
-def _check_rows(space: Space[Any], actions: Any, n: int) -> None:
-    """A ``ValueError`` (before any node sees the batch) unless every leaf of ``actions``
-    holds ``n`` rows (``space`` is the batched action space)."""
-    from gymnasium import spaces
-
-    if isinstance(space, spaces.Dict):
-        if not isinstance(actions, dict):
-            raise ValueError(f"actions: expected a dict for {space}, got {type(actions)}")
-        for key in space:
-            if key not in actions:
-                raise ValueError(f"actions: missing key {key!r} of {space}")
-            _check_rows(space[key], actions[key], n)
-        return
-    if isinstance(space, spaces.Tuple):
-        if not isinstance(actions, tuple) or len(actions) != len(space):
-            raise ValueError(f"actions: expected a tuple of {len(space)} parts for {space}")
-        for part, batch in zip(space, actions, strict=True):
-            _check_rows(part, batch, n)
-        return
-    if isinstance(space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete,
-                          spaces.MultiBinary)):
-        rows = np.shape(actions)[0] if np.ndim(actions) else None
-    else:
-        try:
-            rows = len(actions)
-        except TypeError:
-            rows = None
-    if rows != n:
-        raise ValueError(f"actions: expected one action for each of the {n} envs, got "
-                         f"{'a scalar' if rows is None else rows}")
-
-
-def _same_shape(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return bool(a.shape == b.shape and a.dtype == b.dtype)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_shape(a[k], b[k]) for k in a)
-    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
-        return all(_same_shape(x, y) for x, y in zip(a, b, strict=True)) and not any(
-            not isinstance(x, (np.ndarray, dict, tuple)) for x in a)
-    return False
-
-
-def _copy_into(out: Any, batch: Any) -> None:
-    if isinstance(out, np.ndarray):
-        np.copyto(out, batch)
-    elif isinstance(out, dict):
-        for key in out:
-            _copy_into(out[key], batch[key])
-    else:
-        for o, b in zip(out, batch, strict=True):
-            _copy_into(o, b)
