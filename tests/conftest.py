@@ -111,11 +111,35 @@ def _infrastructure_pids() -> set[int]:
     return pids
 
 
+# A test module's local Ray cluster (tests/test_ray.py) runs for the whole module by design:
+# its GCS server, raylets, their agents and Ray's idle (or still booting) worker processes.
+# Never an actor: an actor's process is titled ``ray::<ClassName>``, so one left alive (and
+# the fastvec workers it forked, titled as it is) is still reported.
+_RAY_DAEMONS = frozenset({"gcs_server", "raylet"})
+_RAY_TITLES = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+_RAY_SCRIPTS = ("ray/_private/workers/default_worker.py", "ray/_private/log_monitor.py",
+                "ray/autoscaler/_private/monitor.py", "ray/dashboard/")
+
+
+def _is_ray_infrastructure(process: psutil.Process) -> bool:
+    try:
+        if process.name() in _RAY_DAEMONS:
+            return True
+        cmdline = process.cmdline()
+    except psutil.Error:
+        return False
+    first = cmdline[0] if cmdline else ""
+    if first.startswith(_RAY_TITLES):
+        return True
+    return not first.startswith("ray::") and any(
+        script in arg for arg in cmdline[:3] for script in _RAY_SCRIPTS)
+
+
 def _live_children() -> list[psutil.Process]:
     skip = _infrastructure_pids()
     live = []
     for child in psutil.Process().children(recursive=True):
-        if child.pid in skip:
+        if child.pid in skip or _is_ray_infrastructure(child):
             continue
         try:
             if child.status() != psutil.STATUS_ZOMBIE:

@@ -11,6 +11,7 @@ import pytest
 import fastvec
 from fastvec.bench import main
 from fastvec.bench.cli import build_parser
+from fastvec.bench.runner import usable_cores
 
 BACKENDS = {"fastvec", "gym-async", "gym-sync"}
 # "[#####...............]  1/3  0:02 / ~0:07  cartpole x4 rep 1/1 fastvec: 12.3k steps/s"
@@ -156,3 +157,41 @@ def test_policy_run_reports_the_bound_and_each_backends_fraction(tmp_path):
     assert bound_row["median"] == pytest.approx(p["bound"])
     assert p["blas"] in proc.stdout and f"x{p['depth']}" in p["policy"]
     assert any(line.startswith("policy x4: bound = 4 envs x") for line in lines)
+
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (fastvec[ray])")
+
+
+@needs_ray
+def test_ray_run_compares_fastvec_ray_with_local_fastvec_and_tianshou(tmp_path):
+    """--ray starts a local two-node cluster and times fastvec.ray beside local fastvec (and
+    Tianshou's RayVectorEnv when tianshou is installed, else a note says it was skipped)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvec.bench", "--ray", "--workload", "cartpole",
+         "--num-envs", "4", *TINY, "--json", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "vs fastvec" in lines[0] and "vs gym-async" not in lines[0]
+    data = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in data["results"]}
+    tianshou = importlib.util.find_spec("tianshou") is not None
+    assert set(rows) == {"fastvec", "fastvec-ray"} | ({"tianshou-ray"} if tianshou else set())
+    assert all(r["error"] is None and r["median"] > 0 for r in rows.values())
+    assert rows["fastvec-ray"]["processes"] == 4  # two actors, one worker each
+    assert data["ray"] == {"nodes": 2, "cpus_per_node": max(1, usable_cores() // 2)}
+    ratios = {q["ratio"] for q in data["ratios"]}
+    assert "fastvec-ray/fastvec" in ratios
+    assert any(line.startswith("fastvec-ray cartpole x4:") and "ms per step" in line
+               for line in lines)
+    if tianshou:
+        assert "fastvec-ray/tianshou-ray" in ratios
+    else:
+        assert "tianshou-ray: skipped, needs Tianshou" in proc.stdout
+
+
+def test_ray_backends_need_the_ray_flag(capsys):
+    assert main(["--backends", "fastvec-ray", *TINY]) == 2
+    assert "run with --ray" in capsys.readouterr().err

@@ -103,6 +103,8 @@ def test_wheel_holds_compiled_modules_stubs_and_py_typed(tmp_path: pathlib.Path)
         "fastvec/worker.py", "fastvec/layout.py", "fastvec/registration.py",
         "fastvec/errors.py", "fastvec/bench/__main__.py", "fastvec/bench/cli.py",
         "fastvec/bench/plot.py", "fastvec/bench/runner.py", "fastvec/bench/workloads.py",
+        "fastvec/bench/ray_backends.py", "fastvec/ray/__init__.py", "fastvec/ray/_actor.py",
+        "fastvec/ray/vector_env.py",
     }
     assert expected <= names, sorted(expected - names)
     # Cython sources, C sources and tests stay out of the wheel

@@ -14,6 +14,7 @@ import gymnasium as gym
 
 from fastvec.bench.contention import BusyProcesses
 from fastvec.bench.plot import MISSING_MATPLOTLIB, matplotlib_missing, plot_results
+from fastvec.bench.ray_backends import FASTVEC_RAY, RAY_BACKENDS, TIANSHOU_RAY, ray_missing
 from fastvec.bench.runner import (
     ACTION_BATCHES,
     BACKENDS,
@@ -73,6 +74,8 @@ examples:
   python -m fastvec.bench --workload compute --num-workers 2 --json out.json
   python -m fastvec.bench --workload jitter,policy --seconds 1
   python -m fastvec.bench --workload compute --contention 2
+  python -m fastvec.bench --ray
+  python -m fastvec.bench --ray --workload compute --num-envs 32,128
   python -m fastvec.bench --autotune --autotune-env CartPole-v1 --num-envs 16
   python -m fastvec.bench --autotune --workload compute --autotune-partial --autotune-budget 60
 
@@ -83,6 +86,10 @@ settings as AsyncVectorEnv keyword arguments (fastvec.autotune from Python).
 
 #: Sub-environments --autotune-env tunes for when --num-envs is not given.
 AUTOTUNE_NUM_ENVS = 16
+
+#: --ray's workloads, and their numbers of envs unless --num-envs says otherwise: enough
+#: envs per step that a step's work is several times Ray's per-call cost (see README).
+RAY_WORKLOADS: dict[str, Sequence[int]] = {"compute": (32, 128), "cartpole": (32,)}
 
 
 def _csv(choices: Sequence[str] | None = None,
@@ -133,6 +140,10 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _sizes(workload: str, sizes: Sequence[int]) -> str:
+    return f"{workload} " + ",".join(f"x{n}" for n in sizes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastvec.bench", description=_DESCRIPTION, epilog=_EPILOG,
@@ -152,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes for fastvec only (default: fastvec's own default, the usable "
              f"cores capped at num_envs; {usable_cores()} here); capped at num_envs")
     parser.add_argument(
-        "--backends", action="extend", type=_csv((*BACKENDS, CEILING)),
+        "--backends", action="extend", type=_csv((*BACKENDS, CEILING, *RAY_BACKENDS)),
         metavar="NAME[,NAME...]",
-        help=f"backends to compare (choices: {', '.join((*BACKENDS, CEILING))}; default: all). "
+        help=f"backends to compare (choices: {', '.join((*BACKENDS, CEILING, *RAY_BACKENDS))}; "
+             f"default: all but the Ray ones; {', '.join(RAY_BACKENDS)} need --ray). "
              f"'{CEILING}' applies to the compute and jitter workloads only; with fastvec, "
              f"the policy workload also times '{DOUBLE_BUFFERED}' (fastvec double-buffered) "
              "when this fastvec has the partial-batch API (AsyncVectorEnv.recv)")
@@ -172,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N busy-looping processes (pure-Python `while True: pass`, unpinned) beside "
              "every timed run, started after calibration and killed at the end, also on "
              "Ctrl-C or an error (default: 0)")
+    parser.add_argument(
+        "--ray", action="store_true",
+        help=f"compare {FASTVEC_RAY} (fastvec.ray over --ray-nodes local Ray nodes, the "
+             f"usable cores split between them), fastvec (local, the same cores) and "
+             f"{TIANSHOU_RAY} (Tianshou's RayVectorEnv: one actor and one remote call per env "
+             f"per step) on a local Ray cluster started for the run; default workloads "
+             f"{', '.join(_sizes(w, n) for w, n in RAY_WORKLOADS.items())} (needs "
+             "fastvec[ray]; the tianshou row is skipped with a note without tianshou)")
+    parser.add_argument(
+        "--ray-nodes", type=_positive(int), default=2, metavar="N",
+        help="local Ray nodes for --ray (default: 2)")
     parser.add_argument(
         "--json", metavar="PATH",
         help="also write every raw number (each repeat's steps, seconds and steps/s), the "
@@ -210,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 # -- report ----------------------------------------------------------------------------------
 
 #: The rows whose ratios to the others are reported.
-_FASTVEC_ROWS = ("fastvec", PARTIAL, DOUBLE_BUFFERED)
+_FASTVEC_ROWS = ("fastvec", PARTIAL, DOUBLE_BUFFERED, FASTVEC_RAY)
+#: What each row is compared with.
+_BASELINES = ("gym-async", "gym-sync", CEILING, BOUND, "fastvec", TIANSHOU_RAY)
 
 
 def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
@@ -224,9 +249,9 @@ def ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
             fast = rows.get(name)
             if fast is None or fast.median is None:
                 continue
-            for other in ("gym-async", "gym-sync", CEILING, BOUND):
+            for other in _BASELINES:
                 base = rows.get(other)
-                if base is not None and base.median:
+                if other != name and base is not None and base.median:
                     out.append({"workload": workload, "num_envs": num_envs,
                                 "ratio": f"{name}/{other}",
                                 "value": fast.median / base.median})
@@ -241,8 +266,13 @@ def format_table(results: Sequence[Result]) -> str:
     """The results as a text table, one block per (workload, num_envs)."""
     index = {(q["workload"], q["num_envs"], q["ratio"]): q["value"] for q in ratios(results)}
     medians = {(r.workload, r.num_envs, r.backend): r.median for r in results}
+    compared = [other for other in ("gym-async", "gym-sync")
+                if not any(r.backend in RAY_BACKENDS for r in results)
+                or any(r.backend == other for r in results)]
+    compared += [other for other in ("fastvec", TIANSHOU_RAY)
+                 if any(r.backend == FASTVEC_RAY for r in results)]
     headers = ["workload", "envs", "backend", "procs", "env-steps/s", "spread",
-               "vs gym-async", "vs gym-sync", "of ceiling", "of bound"]
+               *(f"vs {other}" for other in compared), "of ceiling", "of bound"]
     right = set(headers) - {"workload", "backend"}
     limits = [limit for limit in (CEILING, BOUND) if any(r.backend == limit for r in results)]
     for limit in {CEILING, BOUND} - set(limits):
@@ -257,7 +287,7 @@ def format_table(results: Sequence[Result]) -> str:
             spread = (f"±{(max(r.rates) - min(r.rates)) / 2 / med:.0%}"
                       if len(r.rates) > 1 else "")
         row = [r.workload, str(r.num_envs), r.backend, str(r.processes or "-"), rate, spread]
-        for other in ("gym-async", "gym-sync"):
+        for other in compared:
             value = index.get((r.workload, r.num_envs, f"{r.backend}/{other}"))
             row.append(f"{value:.2f}x" if value else "")
         for limit in limits:
@@ -319,6 +349,16 @@ def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
     if any(r.backend == PARTIAL for r in results):
         notes.append(f"{PARTIAL}: fastvec with batch_size = num_envs // 2, each half's "
                      "actions sent back the moment it comes (send/recv), no policy")
+    medians = {(r.workload, r.num_envs, r.backend): r.median for r in results}
+    for (workload, num_envs, backend), rate in medians.items():
+        local = medians.get((workload, num_envs, "fastvec"))
+        if backend == FASTVEC_RAY and rate and local:
+            ray = extra.get("ray", {})
+            notes.append(
+                f"{FASTVEC_RAY} {workload} x{num_envs}: {num_envs / rate * 1e3:.2f} ms per step "
+                f"vs {num_envs / local * 1e3:.2f} ms for local fastvec: "
+                f"{(num_envs / rate - num_envs / local) * 1e3:+.2f} ms per step over "
+                f"{ray.get('nodes', '?')} nodes of {ray.get('cpus_per_node', '?')} CPUs")
     if any(r.backend == DOUBLE_BUFFERED for r in results):
         notes.append(f"{DOUBLE_BUFFERED}: fastvec double-buffered, batch_size = num_envs // 2, "
                      "the policy computing one half while the other steps")
@@ -406,17 +446,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Say so now rather than after minutes of measuring.
         print(f"error: {MISSING_MATPLOTLIB}", file=sys.stderr)
         return 2
-    workloads = list(dict.fromkeys(args.workload or DEFAULT_WORKLOADS))
-    backends = list(dict.fromkeys(args.backends or (*BACKENDS, CEILING)))
+    if not args.ray and any(b in RAY_BACKENDS for b in args.backends or ()):
+        print(f"error: the {', '.join(RAY_BACKENDS)} backends run with --ray", file=sys.stderr)
+        return 2
+    if args.ray and ray_missing():
+        print(f"error: --ray {ray_missing()}", file=sys.stderr)
+        return 2
+    workloads = list(dict.fromkeys(args.workload or (
+        RAY_WORKLOADS if args.ray else DEFAULT_WORKLOADS)))
+    backends = list(dict.fromkeys(args.backends or (
+        ("fastvec", *RAY_BACKENDS) if args.ray else (*BACKENDS, CEILING))))
+    num_envs = list(dict.fromkeys(args.num_envs)) if args.num_envs else None
     config = BenchConfig(
         workloads=workloads,
-        num_envs=list(dict.fromkeys(args.num_envs)) if args.num_envs else None,
+        num_envs=num_envs,
         num_workers=args.num_workers,
         backends=backends,
         seconds=args.seconds,
         repeats=args.repeats,
         warmup=max(0.0, args.warmup),
         contention=args.contention,
+        ray_nodes=args.ray_nodes if args.ray else 0,
+        num_envs_of=RAY_WORKLOADS if args.ray else {},
     )
     machine = machine_info()
     started = time.perf_counter()
@@ -458,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeats": config.repeats,
                 "warmup": config.warmup,
                 "contention": config.contention,
+                "ray_nodes": config.ray_nodes,
                 "action_batches": ACTION_BATCHES,
             },
             **extra,

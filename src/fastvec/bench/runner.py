@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import os
@@ -28,6 +29,15 @@ from fastvec.bench.policy import (
     partial_batches_available,
     partial_loop,
     single_blas_thread,
+)
+from fastvec.bench.ray_backends import (
+    RAY_BACKENDS,
+    TIANSHOU_MAX_ENVS,
+    TIANSHOU_RAY,
+    LocalCluster,
+    cpus_per_node,
+    make_ray_backend,
+    tianshou_missing,
 )
 from fastvec.bench.workloads import (
     COMPUTE_STEP_SECONDS,
@@ -87,6 +97,9 @@ class BenchConfig:
     repeats: int = 3
     warmup: float = 0.3
     contention: int = 0  # busy-looping processes running beside the timed runs
+    ray_nodes: int = 0  # --ray: local Ray nodes for the fastvec-ray/tianshou-ray rows
+    # per-workload numbers of envs when num_envs is None (else each workload's default)
+    num_envs_of: dict[str, Sequence[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,9 +130,13 @@ class Result:
 
 def make_backend(backend: str, env_fn: Callable[[], gym.Env], num_envs: int,
                  num_workers: int | None,
-                 batch_size: int | None = None) -> gym.vector.VectorEnv:
-    """A vector env of ``backend``; ``batch_size`` (fastvec only) asks for partial batches."""
+                 batch_size: int | None = None, ray_nodes: int = 0) -> gym.vector.VectorEnv:
+    """A vector env of ``backend``; ``batch_size`` (fastvec only) asks for partial batches;
+    the ``--ray`` backends run over ``ray_nodes`` nodes of the connected cluster."""
     fns = [env_fn] * num_envs
+    if backend in RAY_BACKENDS:
+        return cast(gym.vector.VectorEnv, make_ray_backend(
+            backend, fns, ray_nodes, cpus_per_node(ray_nodes)))
     if backend == "fastvec":
         if num_workers is not None:
             num_workers = min(num_workers, num_envs)
@@ -140,7 +157,10 @@ def _processes(envs: gym.vector.VectorEnv) -> int:
         return int(envs.num_workers)
     if isinstance(envs, gym.vector.AsyncVectorEnv):
         return len(envs.processes)
-    return 0
+    nodes = getattr(envs, "nodes", None)
+    if nodes is not None:  # fastvec.ray: the actors and their workers
+        return sum(1 + len(node.worker_pids) for node in nodes)
+    return int(getattr(envs, "processes", 0))
 
 
 def _timed_loop(step: Callable[[Any], Any], actions: Sequence[Any], seconds: float,
@@ -352,7 +372,8 @@ def _cases(config: BenchConfig, skip: Sequence[str] = ()) -> list[tuple[Workload
         if name in skip:
             continue
         workload = WORKLOADS[name]
-        for n in (config.num_envs or [workload.default_num_envs]):
+        default = config.num_envs_of.get(name, [workload.default_num_envs])
+        for n in (config.num_envs or default):
             cases.append((workload, int(n)))
     return cases
 
@@ -372,6 +393,7 @@ def contenders(workload: Workload, num_envs: int, backends: Sequence[str]) -> li
     if not workload.policy:
         rows = [Contender(b, b) for b in backends]
         if (workload.ceiling and "fastvec" in backends and num_envs >= 2
+                and not any(b in RAY_BACKENDS for b in backends)
                 and partial_batches_available()):
             rows.insert(1, Contender(PARTIAL, "fastvec", "partial", num_envs // 2))
         return rows
@@ -414,11 +436,24 @@ def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[
     name to the reason. Every case is calibrated first; then ``config.contention`` busy
     processes start and run beside every timed run until the last case is done.
     """
-    backends = [b for b in BACKENDS if b in config.backends]
-    want_ceiling = CEILING in config.backends
     skipped = skipped_workloads(config.workloads)
+    if TIANSHOU_RAY in config.backends and tianshou_missing():
+        skipped[TIANSHOU_RAY] = str(tianshou_missing())
+    backends = [b for b in (*BACKENDS, *RAY_BACKENDS) if b in config.backends
+                and b not in skipped]
+    want_ceiling = CEILING in config.backends
     cases = _cases(config, skip=tuple(skipped))
-    total = sum(config.repeats * (len(contenders(w, n, backends)) + (want_ceiling and w.ceiling))
+    ray_rows = config.ray_nodes and any(b in RAY_BACKENDS for b in backends)
+    rows_of = {}
+    for w, n in cases:
+        rows = contenders(w, n, backends)
+        if n > TIANSHOU_MAX_ENVS and any(r.backend == TIANSHOU_RAY for r in rows):
+            rows = [r for r in rows if r.backend != TIANSHOU_RAY]
+            skipped[f"{TIANSHOU_RAY} {w.name} x{n}"] = (
+                f"one Ray actor per env, each a process that imports torch: more than "
+                f"{TIANSHOU_MAX_ENVS} do not fit a small machine")
+        rows_of[w.name, n] = rows
+    total = sum(config.repeats * (len(rows_of[w.name, n]) + (want_ceiling and w.ceiling))
                 for w, n in cases)
     bar = Progress(total, config.seconds + config.warmup, progress)
     results: list[Result] = []
@@ -430,11 +465,16 @@ def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[
         for workload, num_envs in cases:
             bar.show(f"{workload.name} x{num_envs}: calibrating")
             prepared.append(prepare(workload, num_envs, extra))
-        with BusyProcesses(config.contention) as busy:
+        if ray_rows:
+            bar.show(f"starting a local Ray cluster of {config.ray_nodes} nodes")
+            extra["ray"] = {"nodes": config.ray_nodes,
+                            "cpus_per_node": cpus_per_node(config.ray_nodes)}
+        with (LocalCluster(config.ray_nodes, cpus_per_node(config.ray_nodes)) if ray_rows
+              else contextlib.nullcontext()), BusyProcesses(config.contention) as busy:
             extra["contention"] = {"processes": config.contention, "pids": busy.pids}
             for (workload, num_envs), prep in zip(cases, prepared, strict=True):
                 results.extend(_run_case(workload, num_envs, prep,
-                                         contenders(workload, num_envs, backends),
+                                         rows_of[workload.name, num_envs],
                                          want_ceiling and workload.ceiling, config, bar))
         extra["contention"]["ran"] = busy.ran
     finally:
@@ -451,9 +491,11 @@ def _start(rows: Sequence[Contender], env_fn: Callable[[], gym.Env], num_envs: i
         bar.show(f"{label}: starting {row.label}")
         start = time.perf_counter()
         try:
+            ray: dict[str, Any] = ({"ray_nodes": config.ray_nodes}
+                                   if row.backend in RAY_BACKENDS else {})
             env = make_backend(row.backend, env_fn, num_envs,
                                config.num_workers if row.backend == "fastvec" else None,
-                               batch_size=row.batch_size)
+                               batch_size=row.batch_size, **ray)
         except Exception as exc:
             results[row.label].error = f"{type(exc).__name__}: {exc}"
             continue

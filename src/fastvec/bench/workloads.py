@@ -169,6 +169,13 @@ class ComputeEnv(gym.Env):
         self._obs = np.empty(8, np.float32)
         self._t = 0
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # An env built in one process and unpickled in another (Tianshou's Ray workers) may
+        # arrive with read-only arrays (Ray's zero-copy numpy): it owns writable copies.
+        self.__dict__.update(state)
+        for name in ("_state", "_scratch", "_obs"):
+            setattr(self, name, np.array(getattr(self, name)))
+
     def _observe(self) -> np.ndarray:
         np.copyto(self._obs, self._state.reshape(-1)[:8], casting="same_kind")
         return self._obs
