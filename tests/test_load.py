@@ -249,3 +249,32 @@ def test_the_callers_computing_counts_as_load_but_its_waiting_does_not():
     waited["cpu"] += time.thread_time() - cpu
     waiting = load.sample(time.monotonic())
     assert waiting is not None and waiting < computing - 0.2
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_synchronous_callers_computing_is_the_pools_own_but_not_while_envs_are_in_flight():
+    """Between two synchronous steps the workers are idle: the caller's computing there takes
+    no core from them (it counts as the pool's). While envs are in flight (partial batches)
+    it competes with the workers (it does not)."""
+    fns = [lambda: gym.make("CartPole-v1")] * 2
+    with fastvec.AsyncVectorEnv(fns, num_workers=1) as envs:
+        envs.reset(seed=0)
+        before = envs._pool.waiting_cpu
+        _spin(0.3)  # "the policy", with nothing in flight
+        envs.step(np.zeros(2, np.int64))
+        assert envs._pool.waiting_cpu - before > 0.2
+    with fastvec.AsyncVectorEnv(fns, num_workers=1, batch_size=1) as envs:
+        envs.async_reset(seed=0)
+        envs.recv(timeout=5)
+        envs.recv(timeout=5)
+        envs.send(np.zeros(2, np.int64), [0, 1])
+        before = envs._pool.waiting_cpu
+        _spin(0.3)  # "the policy", with both envs in flight
+        envs.recv(timeout=5)
+        envs.recv(timeout=5)
+        assert envs._pool.waiting_cpu - before < 0.1

@@ -10,9 +10,10 @@ pinned and spinning, 1.1-2x unpinned and sleeping).
 
 :class:`MachineLoad` measures the other work directly: the CPU time the usable cores spent
 busy (``/proc/stat``) minus the time the pool itself took to step and to wait
-(``/proc/<pid>/stat`` of each worker, and the parent's time inside its waits). What is left
-is work that competes with the workers for the cores: other processes, the parent's other
-threads (a learner's), and the trainer's own computing between steps (a policy's forward
+(``/proc/<pid>/stat`` of each worker, the parent's time inside its waits, and its time
+between a synchronous step and the next, when the workers are idle). What is left is work
+that competes with the workers for the cores: other processes, the parent's other threads (a
+learner's), and the trainer's own computing while envs are in flight (a policy's forward
 pass while the workers step the other half of a double-buffered batch). :class:`Contention`
 turns those samples into a decision with hysteresis: calm (spin, pin) or contended (sleep at
 once, let the scheduler place workers).

@@ -106,7 +106,11 @@ class WorkerPool:
         # pin_workers=None: pinned while the machine is calm, if there is a core per worker
         self._auto_pin = pin_workers is None and self.num_workers == len(self._cores)
         # the parent's CPU seconds inside waits (spinning is the pool's own, not other work)
+        # and between a synchronous command's wait and the next command (the workers idle
+        # then, so the caller's computing does not compete with them); _cpu_mark: the
+        # thread's CPU time when the last wait ended
         self.waiting_cpu = 0.0
+        self._cpu_mark = time.thread_time()
         self.contention = Contention(
             MachineLoad(self._cores, self._worker_pids, lambda: self.waiting_cpu)
             if self._cores else None,
@@ -317,6 +321,11 @@ class WorkerPool:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
+        # nothing is in flight before a synchronous command: since the last wait the workers
+        # were idle, and whatever the caller computed took no core from them
+        cpu = time.thread_time()
+        self.waiting_cpu += max(0.0, cpu - self._cpu_mark)
+        self._cpu_mark = cpu
         self._adapt()
         doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
@@ -390,7 +399,8 @@ class WorkerPool:
                     )
                 wait = min(wait, remaining)
             doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
-        self.waiting_cpu += time.thread_time() - cpu
+        self._cpu_mark = time.thread_time()
+        self.waiting_cpu += self._cpu_mark - cpu
         if not lost:
             self._spin.record(time.monotonic() - start)
         replies: list[M.Reply | None] = [None] * self.num_workers
@@ -475,7 +485,8 @@ class WorkerPool:
             doorbells.wait_while_equal(self._completed, completed, timeout,
                                        self._spin_budget(), True)
             self._spin.record(time.monotonic() - start)
-            self.waiting_cpu += time.thread_time() - cpu
+            self._cpu_mark = time.thread_time()
+            self.waiting_cpu += self._cpu_mark - cpu
         finally:
             doorbells.store(waiting, 0)
 
