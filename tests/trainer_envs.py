@@ -1,10 +1,11 @@
-"""Envs for the trainer-integration tests (Tianshou, TorchRL, RLlib): Box observations, as
-every trainer takes them, and steps that take a random time, so that partial batches and
-asynchronous collectors really see envs finish out of order."""
+"""Envs for the trainer-integration tests (Tianshou, TorchRL, RLlib) and the start-method
+tests: Box observations, as every trainer takes them, and steps that take a random time, so
+that partial batches and asynchronous collectors really see envs finish out of order."""
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import time
 from typing import Any
 
@@ -62,3 +63,18 @@ class RandomTimeEnv(gym.Env):
 
 def random_time_fns(n: int, **kwargs: Any) -> list:
     return [functools.partial(RandomTimeEnv, index=i, **kwargs) for i in range(n)]
+
+
+# set by a test's parent process after importing this module: a forked worker sees it, a
+# spawned or forkserver one (which imports this module afresh) does not
+PARENT_MARK: str | None = None
+
+
+class StartMethodProbeEnv(RandomTimeEnv):
+    """A :class:`RandomTimeEnv` that records how its process was started: the start method
+    its process knows (``multiprocessing.get_start_method``) and whether it inherited the
+    parent's memory (``PARENT_MARK``)."""
+
+    def __init__(self, index: int = 0, jitter: float = 0.0) -> None:
+        super().__init__(index, jitter)
+        self.started = (multiprocessing.get_start_method(allow_none=True), PARENT_MARK)
