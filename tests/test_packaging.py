@@ -103,6 +103,8 @@ def test_wheel_holds_compiled_modules_stubs_and_py_typed(tmp_path: pathlib.Path)
         "fastvec/worker.py", "fastvec/layout.py", "fastvec/registration.py",
         "fastvec/errors.py", "fastvec/bench/__main__.py", "fastvec/bench/cli.py",
         "fastvec/bench/plot.py", "fastvec/bench/runner.py", "fastvec/bench/workloads.py",
+        "fastvec/integrations/__init__.py",
+        "fastvec/integrations/tianshou.py",
     }
     assert expected <= names, sorted(expected - names)
     # Cython sources, C sources and tests stay out of the wheel
@@ -110,5 +112,7 @@ def test_wheel_holds_compiled_modules_stubs_and_py_typed(tmp_path: pathlib.Path)
     assert not [n for n in names if n.startswith(("tests/", "examples/", "csrc/"))]
     assert f"Version: {fastvec.__version__}" in metadata
     for line in ("Requires-Dist: numpy", "Requires-Dist: gymnasium", "Provides-Extra: plot",
-                 "Provides-Extra: atari", "Provides-Extra: test"):
+                 "Provides-Extra: atari", "Provides-Extra: test",
+                 "Provides-Extra: tianshou",
+                 "Provides-Extra: torchrl"):
         assert line in metadata, line
