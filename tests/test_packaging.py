@@ -105,6 +105,8 @@ def test_wheel_holds_compiled_modules_stubs_and_py_typed(tmp_path: pathlib.Path)
         "fastvec/bench/plot.py", "fastvec/bench/runner.py", "fastvec/bench/workloads.py",
         "fastvec/bench/ray_backends.py", "fastvec/ray/__init__.py", "fastvec/ray/_actor.py",
         "fastvec/ray/vector_env.py",
+        "fastvec/integrations/__init__.py",
+        "fastvec/integrations/tianshou.py",
     }
     assert expected <= names, sorted(expected - names)
     # Cython sources, C sources and tests stay out of the wheel
@@ -112,5 +114,7 @@ def test_wheel_holds_compiled_modules_stubs_and_py_typed(tmp_path: pathlib.Path)
     assert not [n for n in names if n.startswith(("tests/", "examples/", "csrc/"))]
     assert f"Version: {fastvec.__version__}" in metadata
     for line in ("Requires-Dist: numpy", "Requires-Dist: gymnasium", "Provides-Extra: plot",
-                 "Provides-Extra: atari", "Provides-Extra: test"):
+                 "Provides-Extra: atari", "Provides-Extra: test",
+                 "Provides-Extra: tianshou",
+                 "Provides-Extra: torchrl"):
         assert line in metadata, line

@@ -690,3 +690,54 @@ def test_a_worker_restarted_during_async_reset_reports_its_envs_reset_not_trunca
             seen += infos["env_id"].tolist()
             assert not tr.any() and "worker_restarted" not in infos
         assert sorted(seen) == list(range(4))
+
+def test_async_reset_of_some_envs_while_others_are_in_flight():
+    """Disabled autoreset in a partial batch: a finished env is reset alone with
+    ``async_reset(env_ids=...)`` while the others step; every env's results are those of the
+    env stepped alone with the same seeds and actions (two episodes each)."""
+    fns = test_envs.jitter_fns(6)
+    mode = AutoresetMode.DISABLED
+    expected = []
+    for i, fn in enumerate(fns):
+        env = SyncVectorEnv([functools.partial(fn, jitter=0)], autoreset_mode=mode)
+        space = env.single_observation_space
+        results: list[Any] = []
+        count = 0
+        for seed in (20 + i, None):
+            obs, infos = env.reset(seed=seed)
+            results.append((row(space, obs, 0), 0.0, False, False, row_info(infos, 0)))
+            while not (results[-1][2] or results[-1][3]):
+                obs, r, te, tr, infos = env.step(np.array([action(i, count)]))
+                count += 1
+                results.append((row(space, obs, 0), float(r[0]), bool(te[0]), bool(tr[0]),
+                                row_info(infos, 0)))
+        env.close()
+        expected.append(results)
+
+    got: list[list[Any]] = [[] for _ in fns]
+    steps = [0] * len(fns)
+    resets = [1] * len(fns)
+    with fastvec.AsyncVectorEnv(fns, autoreset_mode=mode, batch_size=2, num_workers=2) as envs:
+        space = envs.single_observation_space
+        envs.async_reset(seed=20)
+        outstanding = len(fns)
+        while outstanding:
+            obs, rewards, terminations, truncations, infos = envs.recv()
+            outstanding -= len(infos["env_id"])
+            for k, i in enumerate(infos["env_id"].tolist()):
+                got[i].append((row(space, obs, k), float(rewards[k]), bool(terminations[k]),
+                               bool(truncations[k]), row_info(infos, k)))
+                if terminations[k] or truncations[k]:
+                    if resets[i] == 2:
+                        continue
+                    resets[i] += 1
+                    busy = [j for j in range(len(fns)) if j in envs._partial.in_flight]
+                    if busy:  # an env in flight cannot be reset
+                        with pytest.raises(AlreadyPendingCallError, match="still in flight"):
+                            envs.async_reset(env_ids=[busy[0]])
+                    envs.async_reset(env_ids=[i])
+                else:
+                    envs.send(np.array([action(i, steps[i])]), [i])
+                    steps[i] += 1
+                outstanding += 1
+    check_same(got, expected)

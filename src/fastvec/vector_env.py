@@ -480,23 +480,39 @@ class AsyncVectorEnv(VectorEnv):
         partial.send(command, ids, slot, request)
 
     def async_reset(self, seed: int | list[int | None] | None = None,
-                    options: dict[str, Any] | None = None) -> None:
-        """Start a reset of every env and return at once; :meth:`recv` returns the envs as
-        they finish (reward 0, both flags False, the reset's infos). No env may be in flight.
+                    options: dict[str, Any] | None = None, env_ids: Any = None) -> None:
+        """Start a reset of every env (or of ``env_ids``) and return at once; :meth:`recv`
+        returns the envs as they finish (reward 0, both flags False, the reset's infos).
 
-        ``seed`` and ``options`` are as for :meth:`reset` (no ``reset_mask``).
+        ``seed`` and ``options`` are as for :meth:`reset` (no ``reset_mask``); a list of
+        seeds has one per env of the vector env, whichever envs are reset. With ``env_ids``
+        (ints, no repeats) only those envs are reset and the others may be in flight: the
+        way to reset finished envs in a partial batch in ``Disabled`` autoreset mode. An
+        env of ``env_ids`` still in flight raises ``AlreadyPendingCallError``; without
+        ``env_ids`` no env may be in flight.
         """
         self._assert_is_running()
         seeds = self._seeds(seed)
         if options is not None and "reset_mask" in options:
-            raise ValueError("`async_reset` resets every env: `options['reset_mask']` is for "
-                             "`reset`.")
-        self._assert_not_pending("async_reset")
+            raise ValueError("`async_reset` resets every env (or `env_ids`): "
+                             "`options['reset_mask']` is for `reset`.")
+        if env_ids is None:
+            self._assert_not_pending("async_reset")
+            ids = list(range(self.num_envs))
+        else:
+            self._assert_no_call("async_reset")
+            ids = self._partial.env_ids(env_ids)
+            busy = self._partial.busy(ids)
+            if busy:
+                raise AlreadyPendingCallError(
+                    f"Calling `async_reset` for envs {busy}, which are still in flight (sent "
+                    "and not yet returned by `recv`).", "recv")
+
         def request(group: list[int]) -> M.Request:
             return M.Reset([seeds[i] for i in group], options, None)
 
-        self._partial.send(M.Command.REQUEST, list(range(self.num_envs)), self._choose_slot(),
-                           request, reset=True)
+        slot = self._partial.slot if self._partial.outstanding else self._choose_slot()
+        self._partial.send(M.Command.REQUEST, ids, slot, request, reset=True)
 
     def recv(self, timeout: float | None = None
              ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
