@@ -123,6 +123,25 @@ def test_threads_build_their_envs_at_once_smoke():
     run_threads(2, 3, "fork", limit=60.0)
 
 
+def test_threads_build_their_envs_at_once_beside_filelocks_fork_hook():
+    """filelock 3.32 (imported by Ray and Tianshou) installs a fork hook that raises
+    ``RuntimeError`` when a thread forks while another thread's fork runs it: fastvec starts
+    its workers one at a time, so threads building envs at once still work. In a fresh
+    interpreter, since the hook stays for good once installed."""
+    pytest.importorskip("filelock")
+    code = (
+        "import os, sys, tempfile, filelock, test_processes\n"
+        "with filelock.FileLock(os.path.join(tempfile.mkdtemp(), 'x.lock')):\n"
+        "    pass\n"
+        "test_processes.run_threads(3, 4, 'fork', limit=60.0)\n"
+        "print('ok')\n"
+    )
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests_dir, capture_output=True,
+                          text=True, timeout=90, env={**os.environ, "PYTHONPATH": tests_dir})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 @pytest.mark.stress
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("threads", "context"), [(2, "fork"), (3, "fork"), (4, "fork"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection
@@ -50,6 +51,12 @@ from fastvec.worker import worker_main
 
 # the process helpers are re-exported: the face and the argument checks take them from here
 __all__ = ["WorkerPool", "default_num_workers", "finalize", "split_groups", "usable_cores"]
+
+# Worker processes start one at a time across the process's threads. Forking is quick, so
+# threads building vector envs at once lose nothing, and an at-fork hook that cannot bear
+# concurrent forks (filelock 3.32's, which Ray and Tianshou import, raises RuntimeError when
+# another thread forks while it runs) is never entered twice.
+_START_LOCK = threading.Lock()
 
 # Commands during which restart_workers=True replaces a dead worker (construction and close
 # do not: there a death raises WorkerDiedError, or is ignored by close).
@@ -201,7 +208,8 @@ class WorkerPool:
                 daemon=self.daemon,
             )
             try:
-                process.start()
+                with _START_LOCK:  # one fork at a time, whatever the threads
+                    process.start()
             except BaseException:
                 parent_pipe.close()
                 raise
