@@ -17,9 +17,24 @@ import sys
 
 import pytest
 
-if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.rllib") is None:
-    pytest.skip("RLlib is not installed: pip install torch==2.13.0 'ray[rllib]==2.60.0' "
-                "(it needs gymnasium 1.2.2)", allow_module_level=True)
+
+def _rllib_missing() -> str | None:
+    """Why RLlib cannot be imported here (None if it can). Ray core ships ``ray.rllib`` without
+    its dependencies (dm-tree and more, from ``ray[rllib]``): only an import tells."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.rllib") is None:
+        return "RLlib is not installed"
+    done = subprocess.run([sys.executable, "-c", "import ray.rllib.algorithms.ppo"],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return f"RLlib does not import ({lines[-1] if lines else done.returncode})"
+    return None
+
+
+_MISSING = _rllib_missing()
+if _MISSING is not None:
+    pytest.skip(f"{_MISSING}: pip install torch==2.13.0 'ray[rllib]==2.60.0' (it needs "
+                "gymnasium 1.2.2)", allow_module_level=True)
 
 SCRIPT = r"""
 import json
