@@ -120,8 +120,7 @@ class WorkerPool:
         self._cpu_mark = time.thread_time()
         self.contention = Contention(
             MachineLoad(self._cores, self._worker_pids, lambda: self.waiting_cpu)
-            if self._cores else None,
-            oversubscribed=self.num_workers > max(1, len(self._cores)))
+            if self._cores else None)
         self.resources = res = Resources()
         res.plan = plan
         res.shm = _memory.create(plan.nbytes, lazy_tail=scratch_bytes)
@@ -137,7 +136,7 @@ class WorkerPool:
         self._spin_word = plan.parent_line + S.SPIN
         self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
         self._bell = plan.parent_line + S.BELL
-        self._broadcast = self.contention.oversubscribed
+        self._broadcast = self.num_workers > max(1, len(self._cores))
         self.doorbells.store(plan.parent_line + S.BROADCAST, 1 if self._broadcast else 0)
         # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
         # its queue
