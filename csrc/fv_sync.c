@@ -243,10 +243,26 @@ int fv_wake(uint32_t *w, int n)
 /* The parent seen at installation; a pid fits in sig_atomic_t (int) on Linux. */
 static volatile sig_atomic_t fv_parent = 0;
 
+/* A file to unlink before the group is killed (the segment's name): "" for none. */
+static char fv_unlink_path[4096] = "";
+
 static void fv_kill_group(void)
 {
     pid_t self = getpid();
+    if (fv_unlink_path[0] != '\0')
+        unlink(fv_unlink_path); /* async-signal-safe; ENOENT if another worker was first */
     kill(getpgrp() == self ? -self : self, SIGKILL);
+}
+
+int fv_unlink_on_parent_death(const char *path)
+{
+    size_t n = strlen(path);
+    if (n >= sizeof fv_unlink_path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(fv_unlink_path, path, n + 1);
+    return 0;
 }
 
 static void fv_on_parent_death(int signum)
@@ -279,6 +295,13 @@ int fv_kill_group_on_parent_death(int signum)
 int fv_kill_group_on_parent_death(int signum)
 {
     (void)signum;
+    errno = ENOSYS;
+    return -1;
+}
+
+int fv_unlink_on_parent_death(const char *path)
+{
+    (void)path;
     errno = ENOSYS;
     return -1;
 }

@@ -80,6 +80,13 @@ int64_t fv_monotonic_ns(void);
  */
 int fv_kill_group_on_parent_death(int signum);
 
+/*
+ * Have the parent-death handler unlink path (copied here) before it kills the group,
+ * so that a segment whose creator died is not left behind.  Returns 0, or -1 with errno
+ * set (ENAMETOOLONG, or ENOSYS where there is no parent-death signal).
+ */
+int fv_unlink_on_parent_death(const char *path);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,6 +15,7 @@ cdef extern from "fv_sync.h" nogil:
     int fv_wake(uint32_t *w, int n)
     int64_t fv_monotonic_ns()
     int fv_kill_group_on_parent_death(int signum)
+    int fv_unlink_on_parent_death(const char *path)
 
 
 cdef class Doorbells:

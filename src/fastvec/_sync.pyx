@@ -189,3 +189,12 @@ def kill_group_on_parent_death(int signum):
     """
     if fv_kill_group_on_parent_death(signum) != 0:
         PyErr_SetFromErrno(OSError)
+
+
+def unlink_on_parent_death(str path):
+    """Have the parent-death handler (:func:`kill_group_on_parent_death`) unlink ``path``
+    before it kills the group: a segment whose creator was killed is then not left behind.
+    Raises OSError (ENOSYS where there is no parent-death signal)."""
+    cdef bytes encoded = path.encode()
+    if fv_unlink_on_parent_death(encoded) != 0:
+        PyErr_SetFromErrno(OSError)

@@ -15,6 +15,7 @@ it: signals, process group, pinning, attaching the segment, building the envs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._kernels import Segment
 from fastvec._remote_errors import NOT_RETURNED, EnvError, NotADictError, capture, env_error
-from fastvec._sync import Doorbells, kill_group_on_parent_death
+from fastvec._sync import Doorbells, kill_group_on_parent_death, unlink_on_parent_death
 from fastvec._waiting import WAIT_SLICE, SpinBudget
 from fastvec.layout import Layout
 
@@ -512,8 +513,21 @@ def _parent_alive(start_ppid: int, parent_pid: int) -> bool:
     return True
 
 
-def _end_group() -> None:
-    """SIGKILL this worker's process group: the worker and every process its envs started."""
+def _segment_file(handle: _memory.Handle) -> str | None:
+    """The file that names the segment (None for a memfd, which has no name to leave)."""
+    if handle.kind == _memory.SHM:
+        return _memory.SHM_DIR + handle.path if sys.platform.startswith("linux") else None
+    if handle.kind == _memory.FILE:
+        return handle.path
+    return None
+
+
+def _end_group(segment_file: str | None = None) -> None:
+    """SIGKILL this worker's process group: the worker and every process its envs started;
+    first unlink ``segment_file``, the segment of the parent that died."""
+    if segment_file is not None:
+        with contextlib.suppress(OSError):  # another worker was first
+            os.unlink(segment_file)
     os.killpg(0, signal.SIGKILL)
 
 
@@ -540,10 +554,15 @@ def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     own_group = _lead_process_group()
     start_ppid = os.getppid()
+    # a parent that dies (killed, say) cannot unlink its segment: the worker does
+    segment_file = _segment_file(segment_handle)
+    if segment_file is not None and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            unlink_on_parent_death(segment_file)
     _set_parent_death_signal()
     if not _parent_alive(start_ppid, parent_pid):  # it died before the signal was set
         if own_group:
-            _end_group()
+            _end_group(segment_file)
         return
     if core is not None:
         try:
@@ -565,7 +584,7 @@ def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]
         seq = _build_envs(worker, env_fns, initial_reset)
         if seq is not None and not worker.run(
                 seq, lambda: _parent_alive(start_ppid, parent_pid)) and own_group:
-            _end_group()  # the parent died: as its death signal does where it exists
+            _end_group(segment_file)  # the parent died: as its death signal does
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
