@@ -160,13 +160,15 @@ def drive(reference: gym.vector.VectorEnv, subject: gym.vector.VectorEnv, mode: 
 
 
 def run_differential(space_name: str, mode: AutoresetMode, shared_memory: bool, copy: bool,
-                     context: str, num_workers: int, n: int = N, steps: int = STEPS) -> None:
+                     context: str, num_workers: int, n: int = N, steps: int = STEPS,
+                     **options: Any) -> None:
+    """``options``: more keyword arguments of fastvec's AsyncVectorEnv."""
     fns = env_fns(space_name, n)
     reference = SyncVectorEnv(fns, autoreset_mode=mode)
     try:
         with fastvec.AsyncVectorEnv(fns, shared_memory=shared_memory, copy=copy,
                                     context=context, autoreset_mode=mode,
-                                    num_workers=num_workers) as subject:
+                                    num_workers=num_workers, **options) as subject:
             assert subject.num_workers == num_workers
             assert subject.single_observation_space == reference.single_observation_space
             assert subject.observation_space == reference.observation_space

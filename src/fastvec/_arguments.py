@@ -70,13 +70,18 @@ def num_envs(env_fns: Sequence[Callable[[], Env[Any, Any]]]) -> int:
     return len(env_fns)
 
 
-def num_workers(value: int | None, envs: int) -> int:
-    """The worker count (default: the usable cores, never more than ``envs``)."""
+def num_workers(value: int | None, envs: int, parent_group: bool = False) -> int:
+    """The worker count (default: the usable cores, never more than ``envs``; with
+    ``parent_group``, one fewer: the parent's group takes a core's share)."""
+    low, high = (0, envs - 1) if parent_group else (1, envs)
     if value is None:
-        value = default_num_workers(envs)
-    if not isinstance(value, (int, np.integer)) or not 1 <= value <= envs:
+        value = default_num_workers(envs) - (1 if parent_group else 0)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not low <= value <= high:
+        also = " with parent_group=True (the parent's group has at least one env)" \
+            if parent_group else ""
         raise ValueError(
-            f"`num_workers` must be an integer in [1, num_envs={envs}], got {value!r}.")
+            f"`num_workers` must be an integer in [{low}, {high}]{also}, got {value!r}.")
     return int(value)
 
 

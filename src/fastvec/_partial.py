@@ -169,6 +169,7 @@ class PartialBatches:
         deadline = None if timeout is None else start + timeout
         next_check = start + WAIT_SLICE
         while True:
+            self.pool.serve_local()  # the parent's group, if it has one, before any wait
             completed = self.pool.completed
             self._collect()
             if len(self.ready) >= want:
@@ -202,6 +203,7 @@ class PartialBatches:
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic() + WAIT_SLICE
         while self.in_flight or self.awaiting:
+            self.pool.serve_local()
             completed = self.pool.completed
             self._collect(raise_errors=False)
             now = time.monotonic()

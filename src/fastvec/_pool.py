@@ -33,6 +33,7 @@ from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._kernels import Segment
 from fastvec._load import Contention, MachineLoad
+from fastvec._local import LocalGroup, LocalPipe
 from fastvec._processes import (
     Resources,
     affinity,
@@ -71,24 +72,29 @@ class WorkerPool:
     env_fns
         One env function per env (the pool sends each worker its group's).
     plan
-        The segment's plan (its number of workers is the pool's).
+        The segment's plan: one group (worker line) per worker process, plus the parent's
+        with ``parent_group``.
     scratch_bytes
         The segment's last bytes that are allocated only when first needed (copy=True's
         scratch slot).
     context, daemon, autoreset_mode, max_concurrency, pin_workers, restart_workers,
-    start_timeout
-        As given to :class:`fastvec.AsyncVectorEnv`.
+    start_timeout, parent_group
+        As given to :class:`fastvec.AsyncVectorEnv`. With ``parent_group`` the last group
+        is the parent's (:mod:`fastvec._local`): served in-process whenever the pool would
+        wait, never launched, never dead.
     """
 
     def __init__(self, env_fns: Sequence[Callable[[], Env[Any, Any]]], plan: S.SegmentPlan,
                  scratch_bytes: int, *, context: str | None, daemon: bool,
                  autoreset_mode: AutoresetMode, max_concurrency: int | None,
                  pin_workers: bool | None, restart_workers: bool,
-                 start_timeout: float | None) -> None:
+                 start_timeout: float | None, parent_group: bool = False) -> None:
         self.env_fns = env_fns
         self.plan = plan
+        # the plan's groups: one per worker process, then the parent's own (parent_group)
         self.num_workers = plan.num_workers
         self.groups = split_groups(plan.num_envs, plan.num_workers)
+        self.remote = self.num_workers - (1 if parent_group else 0)
         self.daemon = daemon
         self.autoreset_mode = autoreset_mode
         self.pin_workers = pin_workers
@@ -136,7 +142,7 @@ class WorkerPool:
         self._spin_word = plan.parent_line + S.SPIN
         self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
         self._bell = plan.parent_line + S.BELL
-        self._broadcast = self.num_workers > max(1, len(self._cores))
+        self._broadcast = self.remote > max(1, len(self._cores))
         self.doorbells.store(plan.parent_line + S.BROADCAST, 1 if self._broadcast else 0)
         # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
         # its queue
@@ -148,6 +154,11 @@ class WorkerPool:
         self._sent = [0] * plan.num_envs
         self._id_cursor = [0] * self.num_workers
         self._worker_of = [w for w, group in enumerate(self.groups) for _ in group]
+        self.local: LocalGroup | None = None
+        if parent_group:
+            self.local = res.local = LocalGroup(
+                self.remote, self.groups[-1].start, plan, buffer, autoreset_mode,
+                self._semaphore)
 
     @property
     def results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,13 +182,18 @@ class WorkerPool:
         """
         res = self.resources
         try:
-            for w in range(self.num_workers):
+            for w in range(self.remote):
                 process, parent_pipe = self._launch(w)
                 res.pipes.append(parent_pipe)
                 res.processes.append(process)  # only started processes can be joined
-            started = self._await_start(range(self.num_workers))
+            # the parent builds its own group while the workers build theirs
+            local_error = self.local.build(self.env_fns[self.groups[-1].start:]) \
+                if self.local is not None else None
+            started = self._await_start(range(self.remote))
             errors = [first.error for first, *_ in started.values()
                       if isinstance(first, M.InitError)]
+            if local_error is not None:
+                errors.append(local_error.error)
             if errors:
                 raise_logged(errors)
         except BaseException:
@@ -282,6 +298,8 @@ class WorkerPool:
         group = self.groups[w]
         envs = (f"env {group.start}" if len(group) == 1
                 else f"envs {group.start}..{group.stop - 1}")
+        if w == self.remote:
+            return f"the parent's group ({envs})"
         return f"fastvec worker {w} (pid {self.resources.processes[w].pid}, {envs})"
 
     # -- contention ------------------------------------------------------------------------
@@ -356,14 +374,15 @@ class WorkerPool:
             doorbells.wake(self._bell)
             return
         for w in workers:
-            doorbells.wake(self._doorbell[w], 1)
+            if w != self.remote:  # the parent's group is served, not woken
+                doorbells.wake(self._doorbell[w], 1)
 
     def _send_payloads(self, payloads: dict[int, Any]) -> None:
         """Send each worker its request, after its doorbell: the worker is reading then, so
         a message larger than the pipe's buffer cannot block us."""
         for w, payload in payloads.items():
             try:
-                self.resources.pipes[w].send_bytes(payload)
+                self._pipe(w).send_bytes(payload)
             except OSError:  # EPIPE: the worker is gone; the wait reports it
                 self._mark_lost(w)
 
@@ -375,6 +394,7 @@ class WorkerPool:
         the other workers are done, then the dead ones are replaced (see ``_replace_lost``).
         On ``multiprocessing.TimeoutError`` the command stays pending: wait again.
         """
+        self.serve_local()  # the parent's group first: the workers step theirs meanwhile
         doorbells = self.doorbells
         pending = self._pending
         restart = self.restart_workers and not self.closing and name in RESTARTABLE
@@ -504,7 +524,7 @@ class WorkerPool:
         self._restarting = restart and not self.closing
         try:
             for w in workers:
-                pipe = self.resources.pipes[w]
+                pipe = self._pipe(w)
                 while w not in self._lost and pipe.poll(0):
                     reply = self.recv(w)
                     if reply is not None:
@@ -553,6 +573,8 @@ class WorkerPool:
     def recv(self, w: int) -> Any:
         """The next message from worker ``w``. If it died first, raise WorkerDiedError, or,
         while ``wait`` collects replies it may restart, mark it lost and return ``None``."""
+        if w == self.remote:
+            return self._pipe(w).recv()  # the parent's group: its reply is already there
         pipe = self.resources.pipes[w]
         process = self.resources.processes[w]
         while True:
@@ -571,6 +593,24 @@ class WorkerPool:
             self._worker_died(w)
         self._mark_lost(w)
         return None
+
+    def _pipe(self, w: int) -> connection.Connection | LocalPipe:
+        """The parent's end of group ``w``'s pipe."""
+        if w == self.remote:
+            assert self.local is not None
+            return self.local.pipe
+        return self.resources.pipes[w]
+
+    def serve_local(self) -> bool:
+        """Step the parent's group through every entry queued for it (the parent would
+        otherwise wait); return whether there was any. Its CPU time is the pool's own."""
+        local = self.local
+        if local is None:
+            return False
+        cpu = local.cpu
+        served = local.serve(self._seq[self.remote])
+        self.waiting_cpu += local.cpu - cpu
+        return served
 
     def allocate_scratch(self) -> None:
         """Allocate the scratch slot's pages before a command first writes it (once)."""

@@ -15,6 +15,7 @@ import signal
 import time
 from multiprocessing import connection
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from fastvec import _memory
 from fastvec import _segment as S
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
+
+if TYPE_CHECKING:
+    from fastvec._local import LocalGroup
 
 __all__ = ["Resources", "default_num_workers", "finalize", "split_groups", "usable_cores"]
 
@@ -115,6 +119,8 @@ class Resources:
         self.pipes: list[connection.Connection] = []
         # each worker's start time, read at launch: with its pid, names it for good
         self.start_times: dict[int, str | None] = {}
+        # the parent's own group (parent_group=True): its envs and views into the segment
+        self.local: LocalGroup | None = None
 
     def kill_group(self, process: BaseProcess) -> None:
         """End what is left of ``process``'s group (see :func:`kill_process_group`)."""
@@ -152,6 +158,9 @@ class Resources:
         self.release_segment()
 
     def release_segment(self) -> None:
+        local, self.local = self.local, None
+        if local is not None:
+            local.release()
         if self.plan is not None:
             self.plan.unbind()
         self.results = None

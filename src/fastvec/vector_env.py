@@ -140,6 +140,20 @@ class AsyncVectorEnv(VectorEnv):
         what it was doing, after ending every worker and freeing the segment; a replacement
         that slow breaks the vector env (:class:`~fastvec.errors.WorkerDiedError`). Default
         600 s; ``None`` waits forever.
+    parent_group
+        The calling process steps the last group of envs itself, in-process, whenever it
+        would otherwise wait for the workers (in ``step_wait``, ``reset_wait``,
+        ``call_wait``..., and in :meth:`recv`, which then steps the group's sent envs
+        before it returns). ``num_workers`` counts the worker processes beside it (default:
+        the usable cores less one; ``0`` steps every env in the parent). On a machine whose
+        cores other work shares, this saves a process that must be scheduled every step and
+        the hand-off to it (the README's "On a busy machine"). The group's envs are built
+        in the calling process and lose a worker's isolation: an env that crashes the
+        interpreter takes the caller with it, one that hangs cannot be timed out, and
+        ``restart_workers`` has nothing to restart there. Everything else (the segment,
+        replies, errors, autoreset, ``copy``) is the same as for a worker's group. Default
+        ``False``. It suits the synchronous loop: with partial batches the parent's envs
+        step only while it is in ``recv``, not while it computes the next actions.
     batch_size
         How many envs :meth:`recv` returns: the first ``batch_size`` to finish. Default
         ``num_envs``: ``step`` and ``reset`` are Gymnasium's, synchronous, unchanged. With
@@ -193,6 +207,7 @@ class AsyncVectorEnv(VectorEnv):
         restart_workers: bool = False,
         start_timeout: float | None = DEFAULT_START_TIMEOUT,
         batch_size: int | None = None,
+        parent_group: bool = False,
     ) -> None:
         self._state = AsyncState.DEFAULT
         self._call_ids: list[int] | None = None  # the env_ids of the pending call
@@ -208,7 +223,8 @@ class AsyncVectorEnv(VectorEnv):
         self.start_timeout = A.start_timeout(start_timeout)
         A.no_custom_worker(worker)
         self.num_envs = A.num_envs(env_fns)
-        self.num_workers = A.num_workers(num_workers, self.num_envs)
+        self.parent_group = bool(parent_group)
+        self.num_workers = A.num_workers(num_workers, self.num_envs, self.parent_group)
         self.batch_size = A.batch_size(batch_size, self.num_envs)
         self.pin_workers = None if pin_workers is None else bool(pin_workers)
         cores = usable_cores()
@@ -224,7 +240,7 @@ class AsyncVectorEnv(VectorEnv):
 
         try:
             plan = SegmentPlan(
-                self.num_envs, self.num_workers, self.single_action_space,
+                self.num_envs, self.num_workers + self.parent_group, self.single_action_space,
                 self.single_observation_space if shared_memory else None,
                 check_obs_range=observation_mode == "same",
                 observation_slots=RECYCLED_SLOTS + 1 if copy else 1,
@@ -252,7 +268,7 @@ class AsyncVectorEnv(VectorEnv):
             env_fns, plan, scratch, context=context, daemon=daemon,
             autoreset_mode=self.autoreset_mode, max_concurrency=max_concurrency,
             pin_workers=self.pin_workers, restart_workers=self.restart_workers,
-            start_timeout=self.start_timeout)
+            start_timeout=self.start_timeout, parent_group=self.parent_group)
         self._groups = pool.groups
         self._partial = PartialBatches(pool, self.single_observation_space,
                                        self.single_action_space, self.autoreset_mode,
@@ -683,7 +699,7 @@ class AsyncVectorEnv(VectorEnv):
         ids = A.call_env_ids(env_ids, self.num_envs)
         self._assert_not_pending("call_async")
         if ids is None:
-            requests = [M.Call(name, args, kwargs)] * self.num_workers
+            requests = [M.Call(name, args, kwargs)] * len(self._groups)
         else:
             requests = [M.Call(name, args, kwargs, group)
                         for group in self._by_group(ids)]
@@ -757,7 +773,7 @@ class AsyncVectorEnv(VectorEnv):
         self._assert_is_running()
         request = M.CheckSpaces(self.observation_mode, self.single_observation_space,
                                 self.single_action_space)
-        self._pool.ring(M.Command.REQUEST, [request] * self.num_workers)
+        self._pool.ring(M.Command.REQUEST, [request] * len(self._groups))
         replies = self._pool.wait_starting(
             "check_spaces", "answering the space check (reading its envs' spaces)")
         results = self._gather_results(replies)
@@ -822,7 +838,7 @@ class AsyncVectorEnv(VectorEnv):
             healthy = pool.broken is None
         if healthy and not terminate:
             try:
-                pool.ring(M.Command.REQUEST, [M.Close()] * self.num_workers)
+                pool.ring(M.Command.REQUEST, [M.Close()] * len(self._groups))
                 self._gather_results(pool.wait(timeout, "close"))
             except multiprocessing.TimeoutError:
                 terminate = True

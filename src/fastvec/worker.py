@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from multiprocessing.synchronize import Semaphore
-from typing import Any
+from typing import Any, Protocol
 
 from gymnasium import Env
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
@@ -39,9 +39,22 @@ from fastvec._sync import Doorbells, kill_group_on_parent_death, unlink_on_paren
 from fastvec._waiting import WAIT_SLICE, SpinBudget
 from fastvec.layout import Layout
 
-__all__ = ["Worker", "worker_main"]
+__all__ = ["Worker", "build_envs", "worker_main"]
 
 _FORBIDDEN_CALLS = ("reset", "step", "close", "_setattr", "_check_spaces")
+
+
+class Channel(Protocol):
+    """What a worker needs of its pipe: a ``multiprocessing`` connection in a worker
+    process, :class:`fastvec._local.LocalPipe` in the parent's own group."""
+
+    def send_bytes(self, data: bytes) -> None: ...
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class Worker:
@@ -63,7 +76,7 @@ class Worker:
         As given to the vector env (``semaphore``: its max_concurrency permits, or None).
     """
 
-    def __init__(self, index: int, start: int, pipe: Connection, plan: S.SegmentPlan,
+    def __init__(self, index: int, start: int, pipe: Channel, plan: S.SegmentPlan,
                  buffer: memoryview, autoreset_mode: AutoresetMode,
                  semaphore: Semaphore | None = None) -> None:
         self.index = index
@@ -581,7 +594,7 @@ def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]
         except Exception as exc:  # a segment that is not our parent's, say: tell the parent
             pipe.send(M.InitError(EnvError(start, capture(exc))))
             return
-        seq = _build_envs(worker, env_fns, initial_reset)
+        seq = build_envs(worker, env_fns, initial_reset)
         if seq is not None and not worker.run(
                 seq, lambda: _parent_alive(start_ppid, parent_pid)) and own_group:
             _end_group(segment_file)  # the parent died: as its death signal does
@@ -597,7 +610,7 @@ def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]
         pipe.close()
 
 
-def _build_envs(worker: Worker, env_fns: list[Callable[[], Env[Any, Any]]],
+def build_envs(worker: Worker, env_fns: list[Callable[[], Env[Any, Any]]],
                 initial_reset: tuple[bool, bool] | None) -> int | None:
     """Build the group's envs (and reset them, for a replacement), then say ``ready``.
 
