@@ -578,7 +578,10 @@ class WorkerPool:
         pipe = self.resources.pipes[w]
         process = self.resources.processes[w]
         while True:
-            ready = connection.wait([pipe, process.sentinel], WAIT_SLICE * 4)
+            # a reply is usually there already (its worker marked it sent): poll is one
+            # system call, connection.wait builds a selector
+            ready = ([pipe] if pipe.poll(0)
+                     else connection.wait([pipe, process.sentinel], WAIT_SLICE * 4))
             if pipe in ready:
                 try:
                     return pipe.recv()
