@@ -32,7 +32,8 @@ from fastvec.errors import AutotuneError, OversubscribedWarning
 
 CARTPOLE = functools.partial(gym.make, "CartPole-v1")
 # "   1           2  auto   12,345   ±3%   1.00x   0.12" (the best row starts with "*")
-ROW = re.compile(r"^[* ] +(\d+)!? +(\d+) +(auto|pinned|unpinned) +[\d,]+ ")
+# a table row: num_workers, batch_size, pin_workers (a parent_group column may come between)
+ROW = re.compile(r"^[* ] +(\d+)!? +(?:(?:yes|no) +)?(\d+) +(auto|pinned|unpinned) +[\d,]+ ")
 
 
 class FakeClock:
@@ -64,7 +65,7 @@ def table_rows(result: AutotuneResult) -> list[tuple[int, int, str]]:
 
 def check_best_builds(fns, result: AutotuneResult) -> None:
     """``AsyncVectorEnv(env_fns, **result.best)`` is a working vector env."""
-    assert set(result.best) == {"num_workers", "batch_size", "pin_workers"}
+    assert set(result.best) == {"num_workers", "batch_size", "pin_workers", "parent_group"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OversubscribedWarning)
         envs = fastvec.AsyncVectorEnv(fns, **result.best)
@@ -81,7 +82,7 @@ def test_fake_clock_runs_every_planned_round_of_every_setting():
     clock = FakeClock()
     out = io.StringIO()
     result = fastvec.autotune([CARTPOLE] * 2, budget=6.0, num_workers=[1, 2], pin=(None,),
-                              rounds=3, clock=clock, file=out)
+                              parent_group=(False,), rounds=3, clock=clock, file=out)
     assert [row.setting for row in result.rows] == [Setting(1, 2, None), Setting(2, 2, None)]
     # 2 settings x 3 rounds, each filling its share of the budget left after building
     assert result.rounds == result.planned_rounds == 3
@@ -113,7 +114,7 @@ def test_no_round_starts_that_would_end_past_the_budget():
     # round 3 would end near 8.4 s and is not started
     clock = FakeClock(stall_at=2.5, stall=1.5)
     result = fastvec.autotune([CARTPOLE] * 2, budget=6.0, num_workers=[1, 2], pin=(None,),
-                              rounds=3, clock=clock, progress=False)
+                              parent_group=(False,), rounds=3, clock=clock, progress=False)
     assert (result.rounds, result.planned_rounds) == (2, 3)
     assert [len(row.rates) for row in result.rows] == [2, 2]
     assert result.elapsed <= result.budget
@@ -124,8 +125,8 @@ def test_partial_batches_of_any_size_leave_nothing_in_flight_between_rounds():
     # batch_size 2 of 3 envs: after the timed loop one env or two are still in flight, and
     # every one must be received before the next round's async_reset
     result = fastvec.autotune([CARTPOLE] * 3, budget=2.0, num_workers=[1], batch_sizes=[3, 2, 1],
-                              pin=(False,), partial=True, rounds=3, clock=FakeClock(),
-                              progress=False)
+                              pin=(False,), partial=True, parent_group=(False,), rounds=3,
+                              clock=FakeClock(), progress=False)
     assert [row.setting.batch_size for row in result.rows] == [3, 2, 1]
     assert [len(row.rates) for row in result.rows] == [3, 3, 3]
     assert "batch_size < num_envs: a send/recv loop" in result.format()
@@ -138,7 +139,8 @@ def test_more_workers_than_cores_are_timed_without_the_warning_and_marked():
     with warnings.catch_warnings():
         warnings.simplefilter("error", OversubscribedWarning)
         result = fastvec.autotune(fns, budget=1.0, num_workers=[cores + 1], pin=(None,),
-                                  rounds=1, clock=FakeClock(), progress=False)
+                                  parent_group=(False,), rounds=1, clock=FakeClock(),
+                                  progress=False)
     (row,) = result.rows
     assert row.oversubscribed and row.setting.num_workers == cores + 1
     text = result.format()
@@ -149,8 +151,9 @@ def test_more_workers_than_cores_are_timed_without_the_warning_and_marked():
 def test_a_tiny_real_budget_tries_the_defaults_and_returns_working_settings():
     result = fastvec.autotune([CARTPOLE] * 2, budget=0.5, progress=False)
     cores = usable_cores()
-    expected = settings(2, cores, None, None, (None, False), False)
+    expected = settings(2, cores, None, None, (None, False), False, (False, True))
     assert [row.setting for row in result.rows] == expected
+    assert any(row.setting.parent_group for row in result.rows)
     assert result.rounds >= 1
     assert all(len(row.rates) == result.rounds for row in result.rows)
     assert len(table_rows(result)) == len(expected)
@@ -165,7 +168,8 @@ def test_an_env_that_raises_in_a_trial_raises_autotune_error_and_leaks_nothing()
     # gymnasium.logger.error reports the env's error through warnings.warn (a UserWarning)
     with pytest.warns(UserWarning) as record, pytest.raises(
             AutotuneError, match=r"timing AsyncVectorEnv\(num_workers=1, batch_size=2, "
-            r"pin_workers=None\) failed in round 1: FailError: env 1 failed") as info:
+            r"pin_workers=None, parent_group=False\) failed in round 1: FailError: env 1 "
+                r"failed") as info:
         fastvec.autotune(fns, budget=2.0, num_workers=[1, 2], pin=(None,), clock=FakeClock(),
                          progress=False)
     assert isinstance(info.value.__cause__, FailError)
@@ -240,6 +244,12 @@ def test_settings_time_automatic_pinning_once_where_it_cannot_pin():
         Setting(2, 4, None), Setting(2, 4, False), Setting(2, 4, True),
         Setting(8, 8, None), Setting(8, 8, True), Setting(8, 4, None), Setting(8, 4, True)]
     assert settings(1, 2, None, None, (None,), True) == [Setting(1, 1, None)]
+    # a parent group is one of the groups counted: one worker process fewer
+    assert settings(8, 2, None, None, (None, False), False, (False, True)) == [
+        Setting(1, 8, None), Setting(0, 8, None, True), Setting(2, 8, None),
+        Setting(2, 8, False), Setting(1, 8, None, True), Setting(1, 8, False, True)]
+    with pytest.raises(ValueError, match="parent_group candidates must be True or False"):
+        settings(8, 2, None, None, (None,), False, (1,))  # type: ignore[arg-type]
     # numpy integers are integers; the settings hold plain ints
     (setting,) = settings(8, 2, [np.int64(2)], [np.int64(8)], (True,), False)
     assert setting == Setting(2, 8, True) and type(setting.num_workers) is int
@@ -268,7 +278,8 @@ def _result(others: list[float | None]) -> AutotuneResult:
 
 def test_table_marks_the_best_and_compares_each_row_with_the_defaults():
     result = _result([0.1, 0.2, 0.1])
-    assert result.best == {"num_workers": 2, "batch_size": 4, "pin_workers": False}
+    assert result.best == {"num_workers": 2, "batch_size": 4, "pin_workers": False,
+                           "parent_group": False}
     lines = result.format().splitlines()
     assert re.split(r"\s{2,}", lines[0].strip()) == [
         "num_workers", "batch_size", "pin_workers", "env-steps/s", "spread", "vs default",
@@ -279,14 +290,28 @@ def test_table_marks_the_best_and_compares_each_row_with_the_defaults():
     text = "\n".join(lines)
     assert "calm: little other work during the trials" in text
     assert "stopped after 3 of 5 planned rounds" in text
-    assert "only with num_workers = 2 (the usable cores); with any other count it never pins, " \
-           "so auto and unpinned are timed once there" in text
+    assert "only with num_workers = 2 (the usable cores; 1 with a parent group); with any " \
+           "other count it never pins, so auto and unpinned are timed once there" in text
     result.rows.pop()
     assert "it never pins\n" in result.format()  # no unpinned row: nothing timed once
     assert "took 29.0 s of the 30 s budget (building the vector envs: 1.5 s)" in text
     assert text.endswith("best: AsyncVectorEnv(env_fns, num_workers=2, batch_size=4, "
-                         "pin_workers=False)")
+                         "pin_workers=False, parent_group=False)")
+    assert "parent_group" not in lines[0]  # no row has a parent group: no column
     assert json.loads(json.dumps(result.to_json()))["best"] == result.best
+
+
+def test_table_shows_a_parent_group_column_when_one_was_timed():
+    result = _result([0.1, 0.2, 0.1])
+    result.rows.append(AutotuneRow(Setting(1, 8, None, True), rates=[400.0, 400.0, 400.0],
+                                   others=[0.1, 0.2, 0.1]))
+    lines = result.format().splitlines()
+    assert re.split(r"\s{2,}", lines[0].strip())[:3] == [
+        "num_workers", "parent_group", "batch_size"]
+    assert lines[2].split()[:3] == ["1", "no", "8"]
+    assert lines[5].split()[:4] == ["*", "1", "yes", "8"]
+    assert "parent_group yes: the calling process steps one group" in "\n".join(lines)
+    assert result.best["parent_group"] is True
 
 
 def test_table_says_when_the_machine_was_busy_or_its_load_unknown():
@@ -320,13 +345,13 @@ def test_cli_autotune_env_prints_the_table_and_the_best_settings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("CartPole-v1 x2\n")
     rows = [m for line in proc.stdout.splitlines() if (m := ROW.match(line))]
-    expected = settings(2, usable_cores(), None, None, (None, False), False)
+    expected = settings(2, usable_cores(), None, None, (None, False), False, (False, True))
     assert len(rows) == len(expected)
     assert "best: AsyncVectorEnv(env_fns, num_workers=" in proc.stdout
     assert "autotune: round 1/" in proc.stderr  # the progress bar
     data = json.loads(out.read_text())
     assert data["num_envs"] == 2 and len(data["rows"]) == len(expected)
-    assert set(data["best"]) == {"num_workers", "batch_size", "pin_workers"}
+    assert set(data["best"]) == {"num_workers", "batch_size", "pin_workers", "parent_group"}
 
 
 def test_cli_autotune_workload_with_partial_batches_beside_a_busy_process():

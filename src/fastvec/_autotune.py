@@ -47,7 +47,7 @@ MIN_TRIAL_SECONDS = 0.05
 #: of the other settings stepped in between, so caches and spin budgets start cold.
 WARMUP_SHARE = 0.2
 #: What the search chooses; ``env_kwargs`` may not set these.
-TUNED = ("num_workers", "batch_size", "pin_workers")
+TUNED = ("num_workers", "batch_size", "pin_workers", "parent_group")
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,12 @@ class Setting:
     num_workers: int
     batch_size: int
     pin_workers: bool | None
+    parent_group: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments for :class:`fastvec.AsyncVectorEnv`."""
         return {"num_workers": self.num_workers, "batch_size": self.batch_size,
-                "pin_workers": self.pin_workers}
+                "pin_workers": self.pin_workers, "parent_group": self.parent_group}
 
     @property
     def pin_label(self) -> str:
@@ -69,7 +70,7 @@ class Setting:
 
     def __str__(self) -> str:
         return (f"num_workers={self.num_workers}, batch_size={self.batch_size}, "
-                f"pin_workers={self.pin_workers}")
+                f"pin_workers={self.pin_workers}, parent_group={self.parent_group}")
 
 
 @dataclass
@@ -128,7 +129,8 @@ class AutotuneResult:
 
     @property
     def best(self) -> dict[str, Any]:
-        """``num_workers``, ``batch_size`` and ``pin_workers`` of the fastest setting."""
+        """``num_workers``, ``batch_size``, ``pin_workers`` and ``parent_group`` of the
+        fastest setting."""
         return self.best_row.setting.kwargs()
 
     @property
@@ -178,11 +180,13 @@ def default_worker_counts(num_envs: int, cores: int) -> list[int]:
 
 def settings(num_envs: int, cores: int, num_workers: Iterable[int] | None,
              batch_sizes: Iterable[int] | None, pin: Iterable[bool | None],
-             partial: bool) -> list[Setting]:
+             partial: bool, parent_group: Iterable[bool] = (False,)) -> list[Setting]:
     """Every combination to try, checked; automatic pinning timed only where it can pin.
 
-    ``pin_workers=None`` pins only with one worker per usable core; with any other count it
-    is ``pin_workers=False``, so that pair is timed once (as ``None``, the default).
+    ``num_workers`` counts groups of envs: with ``parent_group=True`` one of them is the
+    parent's, so the setting has one worker process fewer. ``pin_workers=None`` pins only
+    with one group per usable core; with any other count it is ``pin_workers=False``, so
+    that pair is timed once (as ``None``, the default).
     """
     workers = (default_worker_counts(num_envs, cores) if num_workers is None
                else list(num_workers))
@@ -207,15 +211,21 @@ def settings(num_envs: int, cores: int, num_workers: Iterable[int] | None,
     for p in pins:
         if p is not None and not isinstance(p, bool):
             raise ValueError(f"autotune: pin candidates must be None, True or False, got {p!r}")
-    if not workers or not sizes or not pins:
+    parents = list(dict.fromkeys(parent_group))
+    for g in parents:
+        if not isinstance(g, bool):
+            raise ValueError(f"autotune: parent_group candidates must be True or False, got "
+                             f"{g!r}")
+    if not workers or not sizes or not pins or not parents:
         raise ValueError("autotune: every list of candidates needs at least one value")
     out = []
     for n in workers:
-        for b in sizes:
-            for p in pins:
-                if p is False and None in pins and n != cores:
-                    continue  # the same as pin_workers=None here
-                out.append(Setting(n, b, p))
+        for g in parents:
+            for b in sizes:
+                for p in pins:
+                    if p is False and None in pins and n != cores:
+                        continue  # the same as pin_workers=None here
+                    out.append(Setting(n - g, b, p, g))
     return out
 
 
@@ -251,6 +261,7 @@ def autotune(
     batch_sizes: Iterable[int] | None = None,
     pin: Iterable[bool | None] = (None, False),
     partial: bool = False,
+    parent_group: Iterable[bool] = (False, True),
     rounds: int = 5,
     env_kwargs: Mapping[str, Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -271,6 +282,8 @@ def autotune(
         Worker counts to try. Default: 1, 2, 4, ... below the usable cores, and the usable
         cores, none above ``len(env_fns)``. More than the usable cores is timed with its
         :class:`~fastvec.errors.OversubscribedWarning` silenced, and marked in the table.
+        With ``parent_group=True`` a count is of groups, the parent's included (so ``2`` is
+        one worker process and the parent's group).
     batch_sizes
         ``batch_size`` values to try. Default: ``num_envs``, plus ``num_envs // 2`` with
         ``partial=True``. A ``batch_size < num_envs`` is timed as a send/recv loop (each
@@ -279,6 +292,10 @@ def autotune(
         gets, which a trainer calling ``step()`` cannot use.
     pin
         ``pin_workers`` values to try (``None``: automatic).
+    parent_group
+        ``parent_group`` values to try. ``True`` makes the calling process step one group
+        itself, which gives up a worker's isolation for those envs (see
+        :class:`~fastvec.AsyncVectorEnv`): pass ``(False,)`` if your envs need it.
     partial
         The trainer can use partial batches (send/recv); needed for any batch size below
         ``num_envs``.
@@ -322,7 +339,8 @@ def autotune(
                          "chooses it")
     num_envs, cores = len(env_fns), usable_cores()
     rows = [AutotuneRow(s, oversubscribed=s.num_workers > cores)
-            for s in settings(num_envs, cores, num_workers, batch_sizes, pin, partial)]
+            for s in settings(num_envs, cores, num_workers, batch_sizes, pin, partial,
+                              parent_group)]
 
     from fastvec.bench.runner import Progress
 
@@ -435,7 +453,9 @@ def _rate(rate: float) -> str:
 def _table(result: AutotuneResult) -> list[str]:
     default = next((row for row in result.rows if row.setting == result.default), None)
     best = result.best_row
-    headers = ["", "num_workers", "batch_size", "pin_workers", "env-steps/s", "spread"]
+    parents = any(row.setting.parent_group for row in result.rows)
+    headers = ["", "num_workers", *(["parent_group"] if parents else []), "batch_size",
+               "pin_workers", "env-steps/s", "spread"]
     if default is not None and default.median:
         headers.append("vs default")
     headers.append("other work")
@@ -444,6 +464,7 @@ def _table(result: AutotuneResult) -> list[str]:
         s, median, spread = row.setting, row.median, row.spread
         cells = ["*" if row is best else "", f"{s.num_workers}" + ("!" if row.oversubscribed
                                                                      else ""),
+                 *(["yes" if s.parent_group else "no"] if parents else []),
                  str(s.batch_size), s.pin_label,
                  f"{median:,.0f}" if median is not None else "-",
                  f"±{spread:.0%}" if spread is not None else ""]
@@ -454,7 +475,7 @@ def _table(result: AutotuneResult) -> list[str]:
         cells.append(f"{others:.2f}" if others is not None else "?")
         table.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in table)) for i, h in enumerate(headers)]
-    left = {"", "pin_workers"}
+    left = {"", "pin_workers", "parent_group"}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if h in left else c.rjust(w)
@@ -482,8 +503,12 @@ def _notes(result: AutotuneResult) -> list[str]:
         once = (", so auto and unpinned are timed once there, as auto"
                 if any(row.setting.pin_workers is False for row in r.rows) else "")
         notes.append(f"pin_workers auto: pinned one per core while the machine is calm, and "
-                     f"only with num_workers = {r.cores} (the usable cores); with any other "
-                     f"count it never pins{once}")
+                     f"only with num_workers = {r.cores} (the usable cores; {r.cores - 1} "
+                     f"with a parent group); with any other count it never pins{once}")
+    if any(row.setting.parent_group for row in r.rows):
+        notes.append("parent_group yes: the calling process steps one group of envs itself "
+                     "while it waits (those envs give up a worker's isolation); num_workers "
+                     "counts the worker processes beside it")
     over = sorted({row.setting.num_workers for row in r.rows if row.oversubscribed})
     if over:
         notes.append(f"!: more workers than the {r.cores} usable cores (OversubscribedWarning "
