@@ -68,6 +68,19 @@ def test_cartpole_run_writes_json_and_shows_progress(tmp_path):
         assert data["machine"][key]
 
 
+def test_the_parent_group_backend_is_timed_on_request(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--workload", "cartpole", "--num-envs", "4", *TINY, "--quiet",
+                 "--backends", "fastvec,fastvec-parent,gym-sync", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in data["results"]}
+    assert list(rows) == ["fastvec", "fastvec-parent", "gym-sync"]
+    assert rows["fastvec-parent"]["median"] > 0 and rows["fastvec-parent"]["error"] is None
+    # fastvec's default less the parent's own group
+    assert rows["fastvec-parent"]["processes"] == rows["fastvec"]["processes"] - 1
+    assert "fastvec-parent/gym-sync" in {q["ratio"] for q in data["ratios"]}
+
+
 @needs_matplotlib
 def test_plot_writes_png_with_a_point_per_num_envs(tmp_path):
     png, out = tmp_path / "bench.png", tmp_path / "bench.json"

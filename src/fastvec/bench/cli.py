@@ -21,6 +21,7 @@ from fastvec.bench.runner import (
     BOUND,
     CEILING,
     DOUBLE_BUFFERED,
+    PARENT,
     PARTIAL,
     BenchConfig,
     Result,
@@ -163,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes for fastvec only (default: fastvec's own default, the usable "
              f"cores capped at num_envs; {usable_cores()} here); capped at num_envs")
     parser.add_argument(
-        "--backends", action="extend", type=_csv((*BACKENDS, CEILING, *RAY_BACKENDS)),
+        "--backends", action="extend", type=_csv((*BACKENDS, PARENT, CEILING, *RAY_BACKENDS)),
         metavar="NAME[,NAME...]",
-        help=f"backends to compare (choices: {', '.join((*BACKENDS, CEILING, *RAY_BACKENDS))}; "
-             f"default: all but the Ray ones; {', '.join(RAY_BACKENDS)} need --ray). "
+        help=f"backends to compare (choices: "
+             f"{', '.join((*BACKENDS, PARENT, CEILING, *RAY_BACKENDS))}; default: all but "
+             f"{PARENT} and the Ray ones; {', '.join(RAY_BACKENDS)} need --ray; {PARENT}: "
+             "fastvec with parent_group=True). "
              f"'{CEILING}' applies to the compute and jitter workloads only; with fastvec, "
              f"the policy workload also times '{DOUBLE_BUFFERED}' (fastvec double-buffered) "
              "when this fastvec has the partial-batch API (AsyncVectorEnv.recv)")
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- report ----------------------------------------------------------------------------------
 
 #: The rows whose ratios to the others are reported.
-_FASTVEC_ROWS = ("fastvec", PARTIAL, DOUBLE_BUFFERED, FASTVEC_RAY)
+_FASTVEC_ROWS = ("fastvec", PARENT, PARTIAL, DOUBLE_BUFFERED, FASTVEC_RAY)
 #: What each row is compared with.
 _BASELINES = ("gym-async", "gym-sync", CEILING, BOUND, "fastvec", TIANSHOU_RAY)
 
@@ -346,6 +349,9 @@ def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
             f"policy x{num_envs}: bound = {num_envs} envs x {p['cores']} cores / (policy + "
             f"env) = {_fmt_int(p['bound'])} env-steps/s; no vectoriser beats it on "
             f"{p['cores']} cores")
+    if any(r.backend == PARENT for r in results):
+        notes.append(f"{PARENT}: fastvec with parent_group=True, the parent stepping one group "
+                     "of envs itself while it waits (procs: the worker processes beside it)")
     if any(r.backend == PARTIAL for r in results):
         notes.append(f"{PARTIAL}: fastvec with batch_size = num_envs // 2, each half's "
                      "actions sent back the moment it comes (send/recv), no policy")

@@ -53,6 +53,7 @@ __all__ = [
     "BOUND",
     "CEILING",
     "DOUBLE_BUFFERED",
+    "PARENT",
     "PARTIAL",
     "BenchConfig",
     "Contender",
@@ -76,6 +77,9 @@ DOUBLE_BUFFERED = "fastvec-db"
 #: fastvec stepping partial batches of num_envs // 2 with pre-sampled actions: no env waits
 #: for the slowest of the whole batch (the workloads with a ceiling).
 PARTIAL = "fastvec-partial"
+#: fastvec with parent_group=True, on request (--backends): the parent steps one group
+#: itself while it waits.
+PARENT = "fastvec-parent"
 #: Action batches sampled up front and cycled through, so sampling is never timed.
 ACTION_BATCHES = 64
 
@@ -137,6 +141,10 @@ def make_backend(backend: str, env_fn: Callable[[], gym.Env], num_envs: int,
     if backend in RAY_BACKENDS:
         return cast(gym.vector.VectorEnv, make_ray_backend(
             backend, fns, ray_nodes, cpus_per_node(ray_nodes)))
+    if backend == PARENT:
+        if num_workers is not None:
+            num_workers = min(num_workers, num_envs - 1)
+        return fastvec.AsyncVectorEnv(fns, num_workers=num_workers, parent_group=True)
     if backend == "fastvec":
         if num_workers is not None:
             num_workers = min(num_workers, num_envs)
@@ -439,7 +447,8 @@ def run(config: BenchConfig, progress: bool = True) -> tuple[list[Result], dict[
     skipped = skipped_workloads(config.workloads)
     if TIANSHOU_RAY in config.backends and tianshou_missing():
         skipped[TIANSHOU_RAY] = str(tianshou_missing())
-    backends = [b for b in (*BACKENDS, *RAY_BACKENDS) if b in config.backends
+    backends = [b for b in (BACKENDS[0], PARENT, *BACKENDS[1:], *RAY_BACKENDS)
+                if b in config.backends
                 and b not in skipped]
     want_ceiling = CEILING in config.backends
     cases = _cases(config, skip=tuple(skipped))
@@ -494,8 +503,8 @@ def _start(rows: Sequence[Contender], env_fn: Callable[[], gym.Env], num_envs: i
             ray: dict[str, Any] = ({"ray_nodes": config.ray_nodes}
                                    if row.backend in RAY_BACKENDS else {})
             env = make_backend(row.backend, env_fn, num_envs,
-                               config.num_workers if row.backend == "fastvec" else None,
-                               batch_size=row.batch_size, **ray)
+                               config.num_workers if row.backend in ("fastvec", PARENT)
+                               else None, batch_size=row.batch_size, **ray)
         except Exception as exc:
             results[row.label].error = f"{type(exc).__name__}: {exc}"
             continue
