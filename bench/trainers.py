@@ -1,7 +1,8 @@
 """PPO training rates with each vectoriser side by side: SB3's PPO (``SubprocVecEnv``,
-``DummyVecEnv``, fastvec's ``FastVecEnv``) and the CleanRL-style PyTorch PPO of
-examples/ppo_torch_cartpole.py (Gymnasium's ``SyncVectorEnv`` and ``AsyncVectorEnv``, fastvec
-synchronous and double-buffered). CartPole-v1, 8 envs, a fixed number of env steps.
+``DummyVecEnv``, fastvec's ``FastVecEnv`` without and with ``parent_group=True``) and the
+CleanRL-style PyTorch PPO of examples/ppo_torch_cartpole.py (Gymnasium's ``SyncVectorEnv``
+and ``AsyncVectorEnv``, fastvec synchronous, with ``parent_group=True``, and
+double-buffered). CartPole-v1, 8 envs, a fixed number of env steps.
 
 A script, not a test (pytest does not collect it)::
 
@@ -64,10 +65,11 @@ class RolloutTimer(BaseCallback):  # type: ignore[misc]
         return True
 
 
-def sb3_run(vec_env_cls: type, steps: int) -> tuple[float, float]:
+def sb3_run(vec_env_cls: type, steps: int, **vec_env_kwargs: Any) -> tuple[float, float]:
     """SB3 PPO ``learn(steps)``: (env steps/s of learn, env steps/s of its rollouts)."""
     torch.set_num_threads(1)
-    venv = make_vec_env("CartPole-v1", n_envs=NUM_ENVS, seed=0, vec_env_cls=vec_env_cls)
+    venv = make_vec_env("CartPole-v1", n_envs=NUM_ENVS, seed=0, vec_env_cls=vec_env_cls,
+                        vec_env_kwargs=vec_env_kwargs)
     try:
         model = PPO("MlpPolicy", venv, n_steps=64, batch_size=128, n_epochs=4,
                     learning_rate=2.5e-3, seed=0, device="cpu")
@@ -92,10 +94,14 @@ def main(steps: int, repeats: int) -> None:
         "SubprocVecEnv": ("SB3 PPO", lambda: sb3_run(SubprocVecEnv, steps)),
         "DummyVecEnv": ("SB3 PPO", lambda: sb3_run(DummyVecEnv, steps)),
         "fastvec FastVecEnv": ("SB3 PPO", lambda: sb3_run(FastVecEnv, steps)),
+        "fastvec FastVecEnv, parent group": (
+            "SB3 PPO", lambda: sb3_run(FastVecEnv, steps, parent_group=True)),
         "gymnasium SyncVectorEnv": ("torch PPO", lambda: torch_run(example, "gym-sync", steps)),
         "gymnasium AsyncVectorEnv": ("torch PPO",
                                      lambda: torch_run(example, "gym-async", steps)),
         "fastvec synchronous": ("torch PPO", lambda: torch_run(example, "fastvec", steps)),
+        "fastvec parent group": ("torch PPO",
+                                 lambda: torch_run(example, "fastvec-parent", steps)),
         "fastvec double-buffered": ("torch PPO",
                                     lambda: torch_run(example, "fastvec-double", steps)),
     }

@@ -7,11 +7,13 @@ Run it::
 
 ``--vector`` picks what steps the envs: ``gym-sync`` and ``gym-async`` (Gymnasium's
 ``SyncVectorEnv`` and ``AsyncVectorEnv``), ``fastvec`` (``fastvec.AsyncVectorEnv``, the same
-synchronous loop: only the constructor line differs) or ``fastvec-double``: fastvec with
+synchronous loop: only the constructor line differs), ``fastvec-parent`` (the same with
+``parent_group=True``: this process steps one group of envs itself while it waits, which
+holds up better when PyTorch's threads share the cores) or ``fastvec-double``: fastvec with
 ``batch_size = num_envs // 2``, whose collection loop computes the actions of one half of
 the envs while the workers step the other half (``recv``/``send``, see
 examples/double_buffering.py). Each env still contributes ``num_steps`` consecutive
-transitions of its own to every update, so the PPO update is the same in all four.
+transitions of its own to every update, so the PPO update is the same in all five.
 
 Every vector env runs in ``SAME_STEP`` autoreset mode (what CleanRL's ``ppo.py`` was written
 for): the step that ends an episode returns the next episode's first observation, and like
@@ -35,7 +37,7 @@ from torch.distributions.categorical import Categorical
 
 import fastvec
 
-VECTORS = ("gym-sync", "gym-async", "fastvec", "fastvec-double")
+VECTORS = ("gym-sync", "gym-async", "fastvec", "fastvec-parent", "fastvec-double")
 
 
 @dataclass
@@ -141,6 +143,8 @@ def make_envs(vector: str, num_envs: int) -> gym.vector.VectorEnv:
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
     if vector == "fastvec":
         return fastvec.AsyncVectorEnv(fns, autoreset_mode=mode)
+    if vector == "fastvec-parent":
+        return fastvec.AsyncVectorEnv(fns, autoreset_mode=mode, parent_group=True)
     if vector == "fastvec-double":
         return fastvec.AsyncVectorEnv(fns, autoreset_mode=mode, batch_size=num_envs // 2)
     raise ValueError(f"unknown vector {vector!r}: one of {VECTORS}")
