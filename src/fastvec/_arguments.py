@@ -13,8 +13,8 @@ from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from fastvec._pool import default_num_workers
 
-__all__ = ["batch_size", "call_env_ids", "max_concurrency", "no_custom_worker", "num_envs",
-           "num_workers", "read_spaces", "start_timeout"]
+__all__ = ["batch_size", "call_env_ids", "env_ids", "max_concurrency", "no_custom_worker",
+           "num_envs", "num_workers", "read_spaces", "send_env_ids", "start_timeout"]
 
 
 def max_concurrency(value: int | None) -> int | None:
@@ -26,14 +26,11 @@ def max_concurrency(value: int | None) -> int | None:
     return value
 
 
-def call_env_ids(env_ids: Sequence[int] | None, num_envs: int) -> list[int] | None:
-    """``env_ids`` of ``call``/``get_attr``/``set_attr`` as ints (None: every env); unknown,
-    repeated and non-int ids raise ``ValueError``."""
-    if env_ids is None:
-        return None
-    ids = np.asarray(env_ids)
+def env_ids(value: Any, num_envs: int) -> list[int]:
+    """``env_ids`` as ints; unknown, repeated and non-int ids raise ``ValueError``."""
+    ids = np.asarray(value)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {env_ids!r}")
+        raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {value!r}")
     out = [int(i) for i in ids]
     bad = [i for i in out if not 0 <= i < num_envs]
     if bad:
@@ -41,6 +38,23 @@ def call_env_ids(env_ids: Sequence[int] | None, num_envs: int) -> list[int] | No
                          f"envs 0..{num_envs - 1}")
     if len(set(out)) != len(out):
         raise ValueError(f"`env_ids` names an env more than once: {out}")
+    return out
+
+
+def call_env_ids(value: Sequence[int] | None, num_envs: int) -> list[int] | None:
+    """``env_ids`` of ``call``/``get_attr``/``set_attr`` (:func:`env_ids`; None: every
+    env)."""
+    return None if value is None else env_ids(value, num_envs)
+
+
+def send_env_ids(value: Any, num_envs: int, last: list[int] | None) -> list[int]:
+    """``env_ids`` of ``send``/``async_reset`` (:func:`env_ids`, at least one); None: the
+    envs of the last ``recv`` (``last``), or every env if there was none."""
+    if value is None:
+        return list(range(num_envs)) if last is None else list(last)
+    out = env_ids(value, num_envs)
+    if not out:
+        raise ValueError("`env_ids` is empty: send needs at least one env")
     return out
 
 

@@ -20,6 +20,7 @@ from gymnasium.error import AlreadyPendingCallError
 from gymnasium.vector.utils import batch_space
 from ray.exceptions import RayActorError
 
+from fastvec import _arguments as A
 from fastvec.ray import _batches as B
 from fastvec.ray._batches import StepResult
 from fastvec.ray._cluster import Cluster
@@ -65,30 +66,12 @@ class PartialBatches:
         self.flight.clear()
         self.done.clear()
 
-    def _env_ids(self, env_ids: Any) -> list[int]:
-        if env_ids is None:
-            return (list(range(self.num_envs)) if self.last_ids is None
-                    else list(self.last_ids))
-        ids = np.asarray(env_ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {env_ids!r}")
-        out = [int(i) for i in ids]
-        bad = [i for i in out if not 0 <= i < self.num_envs]
-        if bad:
-            raise ValueError(f"`env_ids` holds unknown env ids {bad}: this vector env has "
-                             f"envs 0..{self.num_envs - 1}")
-        if len(set(out)) != len(out):
-            raise ValueError(f"`env_ids` names an env more than once: {out}")
-        if not out:
-            raise ValueError("`env_ids` is empty: send needs at least one env")
-        return out
-
     # -- send ------------------------------------------------------------------------------
     def send(self, actions: Any, env_ids: Any) -> None:
         """Send each node its envs' actions (one remote call per node touched); a restarted
         node's stale envs are done at once, reported restarted, not stepped."""
         cluster = self.cluster
-        ids = self._env_ids(env_ids)
+        ids = A.send_env_ids(env_ids, self.num_envs, self.last_ids)
         busy = set(self.busy())
         if busy.intersection(ids):
             raise AlreadyPendingCallError(
