@@ -1,10 +1,11 @@
-"""The checks of AsyncVectorEnv's arguments, worded as Gymnasium words them, and the spaces
-read from the first env: each function returns the argument as the vector env keeps it."""
+"""The checks of the vector envs' arguments (fastvec.AsyncVectorEnv's and, where they are the
+same, fastvec.ray.RayVectorEnv's), worded as Gymnasium words them, and the spaces read from
+the first env: each function returns the argument as the vector env keeps it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from gymnasium import Env, Space
@@ -13,8 +14,9 @@ from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from fastvec._pool import default_num_workers
 
-__all__ = ["batch_size", "call_env_ids", "env_ids", "max_concurrency", "no_custom_worker",
-           "num_envs", "num_workers", "read_spaces", "send_env_ids", "start_timeout"]
+__all__ = ["Common", "autoreset_mode", "batch_size", "call_env_ids", "common", "env_ids",
+           "max_concurrency", "no_custom_worker", "num_envs", "num_workers", "read_spaces",
+           "send_env_ids", "start_timeout"]
 
 
 def max_concurrency(value: int | None) -> int | None:
@@ -142,3 +144,27 @@ def read_spaces(env_fns: Sequence[Callable[[], Env[Any, Any]]],
                 single_observation_space, observation_space)
     finally:
         dummy_env.close()
+
+
+def autoreset_mode(value: str | AutoresetMode) -> AutoresetMode:
+    return value if isinstance(value, AutoresetMode) else AutoresetMode(value)
+
+
+class Common(NamedTuple):
+    """The arguments every fastvec vector env keeps as it checked them."""
+
+    autoreset_mode: AutoresetMode
+    max_concurrency: int | None
+    start_timeout: float | None
+
+
+def common(mode: str | AutoresetMode, concurrency: int | None, timeout: float | None,
+           worker: Callable[..., None] | None) -> Common:
+    """``autoreset_mode``, ``max_concurrency``, ``start_timeout`` and ``worker`` (which must
+    be None) of :class:`fastvec.AsyncVectorEnv` and :class:`fastvec.ray.RayVectorEnv`,
+    checked in that order."""
+    checked = Common(autoreset_mode(mode), max_concurrency(concurrency),
+                     start_timeout(timeout))
+    no_custom_worker(worker)
+    return checked
+

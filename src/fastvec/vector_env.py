@@ -202,11 +202,8 @@ class AsyncVectorEnv(VectorEnv):
         self.env_fns, self.shared_memory, self.copy = env_fns, shared_memory, copy
         self.context, self.daemon, self.worker = context, daemon, worker
         self.observation_mode = observation_mode
-        self.autoreset_mode = (autoreset_mode if isinstance(autoreset_mode, AutoresetMode)
-                               else AutoresetMode(autoreset_mode))
-        self.max_concurrency = A.max_concurrency(max_concurrency)
-        self.start_timeout = A.start_timeout(start_timeout)
-        A.no_custom_worker(worker)
+        self.autoreset_mode, self.max_concurrency, self.start_timeout = A.common(
+            autoreset_mode, max_concurrency, start_timeout, worker)
         self.num_envs = A.num_envs(env_fns)
         self.num_workers = A.num_workers(num_workers, self.num_envs)
         self.batch_size = A.batch_size(batch_size, self.num_envs)

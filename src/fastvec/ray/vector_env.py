@@ -129,14 +129,11 @@ class RayVectorEnv(VectorEnv):
             raise RuntimeError(
                 "fastvec.ray.RayVectorEnv needs a Ray connection: call `ray.init()` (a local "
                 "cluster) or `ray.init(address=...)` (an existing one) first.")
-        A.no_custom_worker(worker)
         self.env_fns, self.shared_memory, self.copy = env_fns, shared_memory, copy
         self.context, self.daemon = context, daemon
         self.observation_mode = observation_mode
-        self.autoreset_mode = (autoreset_mode if isinstance(autoreset_mode, AutoresetMode)
-                               else AutoresetMode(autoreset_mode))
-        self.max_concurrency = A.max_concurrency(max_concurrency)
-        self.start_timeout = A.start_timeout(start_timeout)
+        self.autoreset_mode, self.max_concurrency, self.start_timeout = A.common(
+            autoreset_mode, max_concurrency, start_timeout, worker)
         self.restart_workers = bool(restart_workers)
         self.num_envs = A.num_envs(env_fns)
         self.batch_size = A.batch_size(batch_size, self.num_envs)
