@@ -16,7 +16,7 @@ from fastvec._pool import default_num_workers
 
 __all__ = ["Common", "autoreset_mode", "batch_size", "call_env_ids", "common", "env_ids",
            "max_concurrency", "no_custom_worker", "num_envs", "num_workers", "read_spaces",
-           "send_env_ids", "start_timeout"]
+           "reset_mask", "seeds", "send_env_ids", "start_timeout"]
 
 
 def max_concurrency(value: int | None) -> int | None:
@@ -168,3 +168,32 @@ def common(mode: str | AutoresetMode, concurrency: int | None, timeout: float | 
     no_custom_worker(worker)
     return checked
 
+
+def seeds(seed: int | list[int | None] | None, num_envs: int) -> list[int | None]:
+    """One seed per env: None for each, ``seed + i`` for env ``i``, or the list given."""
+    if seed is None:
+        return [None] * num_envs
+    if isinstance(seed, int):
+        return [seed + i for i in range(num_envs)]
+    if len(seed) != num_envs:
+        raise ValueError(
+            f"If seeds are passed as a list the length must match num_envs={num_envs}"
+            f" but got length={len(seed)}.")
+    return list(seed)
+
+
+def reset_mask(mask: Any, num_envs: int) -> np.ndarray:
+    """``options["reset_mask"]`` of ``reset``: a bool array of one flag per env, not all
+    False."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
+    if mask.shape != (num_envs,):
+        raise ValueError(f"`options['reset_mask']` must have shape `({num_envs},)`, "
+                         f"got {mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
+    if not np.any(mask):
+        raise ValueError(
+            "`options['reset_mask']` must contain a boolean array with at least one "
+            f"True value, got reset_mask={mask}")
+    return mask

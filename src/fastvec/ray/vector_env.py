@@ -259,39 +259,15 @@ class RayVectorEnv(VectorEnv):
         self.reset_async(seed=seed, options=options)
         return self.reset_wait()
 
-    def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
-        if seed is None:
-            return [None] * self.num_envs
-        if isinstance(seed, int):
-            return [seed + i for i in range(self.num_envs)]
-        if len(seed) != self.num_envs:
-            raise ValueError(
-                f"If seeds are passed as a list the length must match num_envs={self.num_envs}"
-                f" but got length={len(seed)}.")
-        return list(seed)
-
     def reset_async(self, seed: int | list[int | None] | None = None,
                     options: dict[str, Any] | None = None) -> None:
         """Send each node its envs' seeds (env ``i`` gets ``seed + i``) and the options."""
         self._assert_is_running()
-        seeds = self._seeds(seed)
+        seeds = A.seeds(seed, self.num_envs)
         self._assert_not_pending("reset_async", end="")
         mask = None
         if options is not None and "reset_mask" in options:
-            mask = options["reset_mask"]
-            if not isinstance(mask, np.ndarray):
-                raise TypeError(
-                    f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
-            if mask.shape != (self.num_envs,):
-                raise ValueError(f"`options['reset_mask']` must have shape "
-                                 f"`({self.num_envs},)`, got {mask.shape}")
-            if mask.dtype != np.bool_:
-                raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got "
-                                f"{mask.dtype}")
-            if not np.any(mask):
-                raise ValueError(
-                    "`options['reset_mask']` must contain a boolean array with at least one "
-                    f"True value, got reset_mask={mask}")
+            mask = A.reset_mask(options["reset_mask"], self.num_envs)
         calls = self._cluster.reset_calls(seeds, options, mask)
         self._cluster.stale.clear()
         self._submit(AsyncState.WAITING_RESET, calls)
@@ -359,7 +335,7 @@ class RayVectorEnv(VectorEnv):
         """Start a reset of every env (one call per node) and return at once; :meth:`recv`
         returns the nodes as they finish (reward 0, both flags False, the reset's infos)."""
         self._assert_is_running()
-        seeds = self._seeds(seed)
+        seeds = A.seeds(seed, self.num_envs)
         if options is not None and "reset_mask" in options:
             raise ValueError("`async_reset` resets every env: `options['reset_mask']` is for "
                              "`reset`.")
