@@ -130,11 +130,17 @@ def test_atari_is_skipped_with_a_note_when_ale_py_is_missing(monkeypatch, tmp_pa
     assert [(r["workload"], r["backend"]) for r in data["results"]] == [("cartpole", "gym-sync")]
 
 
-def test_jitter_run_reports_each_backends_fraction_of_the_ceiling(tmp_path):
+def _run_with_json(tmp_path, workload: str, num_envs: str):
+    """``--workload WORKLOAD --num-envs NUM_ENVS`` (TINY, with --json), which must succeed:
+    the run, its stdout's lines and the JSON it wrote."""
     out = tmp_path / "bench.json"
-    proc = _run("--workload", "jitter", "--num-envs", "2", *TINY, "--json", str(out))
+    proc = _run("--workload", workload, "--num-envs", num_envs, *TINY, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    return proc, proc.stdout.splitlines(), json.loads(out.read_text())
+
+
+def test_jitter_run_reports_each_backends_fraction_of_the_ceiling(tmp_path):
+    _, lines, data = _run_with_json(tmp_path, "jitter", "2")
     assert "of ceiling" in lines[0] and "of bound" not in lines[0]
     rows = {line.split()[2]: line.split() for line in lines if line.startswith("jitter ")}
     # fastvec with partial batches is a row of its own, now that fastvec has recv()
@@ -142,17 +148,13 @@ def test_jitter_run_reports_each_backends_fraction_of_the_ceiling(tmp_path):
     for backend in BACKENDS | {"fastvec-partial"}:  # each timed row ends with its fraction
         assert re.fullmatch(r"\d+\.\d\d", rows[backend][-1]), rows[backend]
     assert any(line.startswith("jitter: ") and "uniform per step" in line for line in lines)
-    data = json.loads(out.read_text())
     low, high = data["jitter_rounds_per_step"]
     assert high == pytest.approx(5 * low)  # 100-500 us
     assert {"fastvec/ceiling", "fastvec-partial/ceiling"} <= {q["ratio"] for q in data["ratios"]}
 
 
 def test_policy_run_reports_the_bound_and_each_backends_fraction(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = _run("--workload", "policy", "--num-envs", "4", *TINY, "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    proc, lines, data = _run_with_json(tmp_path, "policy", "4")
     assert "of bound" in lines[0] and "of ceiling" not in lines[0]
     rows = {line.split()[2]: line.split() for line in lines
             if line.startswith("policy ") and line.split()[1] == "4"}
@@ -162,7 +164,6 @@ def test_policy_run_reports_the_bound_and_each_backends_fraction(tmp_path):
     assert set(rows) == expected
     for backend in expected - {"bound"}:
         assert re.fullmatch(r"\d+\.\d\d", rows[backend][-1]), rows[backend]
-    data = json.loads(out.read_text())
     p = data["policy"]["4"]
     assert p["bound"] == pytest.approx(4 * p["cores"] / (p["policy_seconds"]
                                                          + p["env_batch_seconds"]))

@@ -185,6 +185,17 @@ def _without_times(infos):
             for info in infos]
 
 
+def _step_alike(reference, adapter, rng, steps, actions, envs):
+    """Step both ``steps`` times with the same random Discrete(``actions``) actions for
+    ``envs`` envs: the same observations, rewards, dones and infos (but their times)."""
+    for t in range(steps):
+        batch = rng.integers(0, actions, envs)
+        (obs_a, rew_a, done_a, info_a), (obs_b, rew_b, done_b, info_b) = (
+            reference.step(batch), adapter.step(batch))
+        assert_same((obs_a, rew_a, done_a), (obs_b, rew_b, done_b), f"step {t}")
+        assert_same(_without_times(info_a), _without_times(info_b), f"infos {t}")
+
+
 @pytest.mark.parametrize("wrap", [
     pytest.param(lambda v: VecNormalize(v, gamma=0.9), id="VecNormalize"),
     pytest.param(lambda v: VecFrameStack(v, n_stack=3), id="VecFrameStack"),
@@ -199,12 +210,7 @@ def test_sb3_wrappers_on_top(wrap):
         for venv in (reference, adapter):
             venv.seed(2)
         assert_same(reference.reset(), adapter.reset())
-        for t in range(300):
-            actions = rng.integers(0, 4, N)
-            (obs_a, rew_a, done_a, info_a), (obs_b, rew_b, done_b, info_b) = (
-                reference.step(actions), adapter.step(actions))
-            assert_same((obs_a, rew_a, done_a), (obs_b, rew_b, done_b), f"step {t}")
-            assert_same(_without_times(info_a), _without_times(info_b), f"infos {t}")
+        _step_alike(reference, adapter, rng, steps=300, actions=4, envs=N)
     finally:
         reference.close()
         adapter.close()
@@ -219,13 +225,7 @@ def test_make_vec_env_with_fastvec_options():
         assert isinstance(adapter, FastVecEnv) and adapter.vector_env.num_workers == 2
         assert adapter.env_is_wrapped(Monitor) == [True] * 4
         assert_same(reference.reset(), adapter.reset())
-        rng = np.random.default_rng(1)
-        for t in range(600):
-            actions = rng.integers(0, 2, 4)
-            (obs_a, rew_a, done_a, info_a), (obs_b, rew_b, done_b, info_b) = (
-                reference.step(actions), adapter.step(actions))
-            assert_same((obs_a, rew_a, done_a), (obs_b, rew_b, done_b), f"step {t}")
-            assert_same(_without_times(info_a), _without_times(info_b), f"infos {t}")
+        _step_alike(reference, adapter, np.random.default_rng(1), steps=600, actions=2, envs=4)
     finally:
         reference.close()
         adapter.close()

@@ -1,10 +1,11 @@
-"""The checks of AsyncVectorEnv's arguments, worded as Gymnasium words them, and the spaces
-read from the first env: each function returns the argument as the vector env keeps it."""
+"""The checks of the vector envs' arguments (fastvec.AsyncVectorEnv's and, where they are the
+same, fastvec.ray.RayVectorEnv's), worded as Gymnasium words them, and the spaces read from
+the first env: each function returns the argument as the vector env keeps it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from gymnasium import Env, Space
@@ -13,8 +14,9 @@ from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from fastvec._pool import default_num_workers
 
-__all__ = ["batch_size", "call_env_ids", "max_concurrency", "no_custom_worker", "num_envs",
-           "num_workers", "read_spaces", "start_timeout"]
+__all__ = ["Common", "autoreset_mode", "batch_size", "call_env_ids", "common", "env_ids",
+           "max_concurrency", "no_custom_worker", "num_envs", "num_workers", "read_spaces",
+           "reset_mask", "seeds", "send_env_ids", "start_timeout"]
 
 
 def max_concurrency(value: int | None) -> int | None:
@@ -26,14 +28,11 @@ def max_concurrency(value: int | None) -> int | None:
     return value
 
 
-def call_env_ids(env_ids: Sequence[int] | None, num_envs: int) -> list[int] | None:
-    """``env_ids`` of ``call``/``get_attr``/``set_attr`` as ints (None: every env); unknown,
-    repeated and non-int ids raise ``ValueError``."""
-    if env_ids is None:
-        return None
-    ids = np.asarray(env_ids)
+def env_ids(value: Any, num_envs: int) -> list[int]:
+    """``env_ids`` as ints; unknown, repeated and non-int ids raise ``ValueError``."""
+    ids = np.asarray(value)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {env_ids!r}")
+        raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {value!r}")
     out = [int(i) for i in ids]
     bad = [i for i in out if not 0 <= i < num_envs]
     if bad:
@@ -41,6 +40,23 @@ def call_env_ids(env_ids: Sequence[int] | None, num_envs: int) -> list[int] | No
                          f"envs 0..{num_envs - 1}")
     if len(set(out)) != len(out):
         raise ValueError(f"`env_ids` names an env more than once: {out}")
+    return out
+
+
+def call_env_ids(value: Sequence[int] | None, num_envs: int) -> list[int] | None:
+    """``env_ids`` of ``call``/``get_attr``/``set_attr`` (:func:`env_ids`; None: every
+    env)."""
+    return None if value is None else env_ids(value, num_envs)
+
+
+def send_env_ids(value: Any, num_envs: int, last: list[int] | None) -> list[int]:
+    """``env_ids`` of ``send``/``async_reset`` (:func:`env_ids`, at least one); None: the
+    envs of the last ``recv`` (``last``), or every env if there was none."""
+    if value is None:
+        return list(range(num_envs)) if last is None else list(last)
+    out = env_ids(value, num_envs)
+    if not out:
+        raise ValueError("`env_ids` is empty: send needs at least one env")
     return out
 
 
@@ -133,3 +149,56 @@ def read_spaces(env_fns: Sequence[Callable[[], Env[Any, Any]]],
                 single_observation_space, observation_space)
     finally:
         dummy_env.close()
+
+
+def autoreset_mode(value: str | AutoresetMode) -> AutoresetMode:
+    return value if isinstance(value, AutoresetMode) else AutoresetMode(value)
+
+
+class Common(NamedTuple):
+    """The arguments every fastvec vector env keeps as it checked them."""
+
+    autoreset_mode: AutoresetMode
+    max_concurrency: int | None
+    start_timeout: float | None
+
+
+def common(mode: str | AutoresetMode, concurrency: int | None, timeout: float | None,
+           worker: Callable[..., None] | None) -> Common:
+    """``autoreset_mode``, ``max_concurrency``, ``start_timeout`` and ``worker`` (which must
+    be None) of :class:`fastvec.AsyncVectorEnv` and :class:`fastvec.ray.RayVectorEnv`,
+    checked in that order."""
+    checked = Common(autoreset_mode(mode), max_concurrency(concurrency),
+                     start_timeout(timeout))
+    no_custom_worker(worker)
+    return checked
+
+
+def seeds(seed: int | list[int | None] | None, num_envs: int) -> list[int | None]:
+    """One seed per env: None for each, ``seed + i`` for env ``i``, or the list given."""
+    if seed is None:
+        return [None] * num_envs
+    if isinstance(seed, int):
+        return [seed + i for i in range(num_envs)]
+    if len(seed) != num_envs:
+        raise ValueError(
+            f"If seeds are passed as a list the length must match num_envs={num_envs}"
+            f" but got length={len(seed)}.")
+    return list(seed)
+
+
+def reset_mask(mask: Any, num_envs: int) -> np.ndarray:
+    """``options["reset_mask"]`` of ``reset``: a bool array of one flag per env, not all
+    False."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
+    if mask.shape != (num_envs,):
+        raise ValueError(f"`options['reset_mask']` must have shape `({num_envs},)`, "
+                         f"got {mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
+    if not np.any(mask):
+        raise ValueError(
+            "`options['reset_mask']` must contain a boolean array with at least one "
+            f"True value, got reset_mask={mask}")
+    return mask

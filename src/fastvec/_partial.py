@@ -22,6 +22,7 @@ from gymnasium import Space, spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
+from fastvec import _arguments as A
 from fastvec import _messages as M
 from fastvec._remote_errors import EnvError, raise_logged
 from fastvec._waiting import WAIT_SLICE
@@ -90,21 +91,7 @@ class PartialBatches:
     def env_ids(self, env_ids: Any) -> list[int]:
         """``env_ids`` checked (ints in range, no repeats); None: the envs of the last recv,
         or every env if there was none."""
-        if env_ids is None:
-            return list(range(self.num_envs)) if self.last_ids is None else list(self.last_ids)
-        ids = np.asarray(env_ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {env_ids!r}")
-        out = [int(i) for i in ids]
-        bad = [i for i in out if not 0 <= i < self.num_envs]
-        if bad:
-            raise ValueError(f"`env_ids` holds unknown env ids {bad}: this vector env has "
-                             f"envs 0..{self.num_envs - 1}")
-        if len(set(out)) != len(out):
-            raise ValueError(f"`env_ids` names an env more than once: {out}")
-        if not out:
-            raise ValueError("`env_ids` is empty: send needs at least one env")
-        return out
+        return A.send_env_ids(env_ids, self.num_envs, self.last_ids)
 
     # -- send ------------------------------------------------------------------------------
     def split_actions(self, actions: Any, ids: list[int]) -> list[Any]:

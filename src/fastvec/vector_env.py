@@ -217,11 +217,8 @@ class AsyncVectorEnv(VectorEnv):
         self.env_fns, self.shared_memory, self.copy = env_fns, shared_memory, copy
         self.context, self.daemon, self.worker = context, daemon, worker
         self.observation_mode = observation_mode
-        self.autoreset_mode = (autoreset_mode if isinstance(autoreset_mode, AutoresetMode)
-                               else AutoresetMode(autoreset_mode))
-        self.max_concurrency = A.max_concurrency(max_concurrency)
-        self.start_timeout = A.start_timeout(start_timeout)
-        A.no_custom_worker(worker)
+        self.autoreset_mode, self.max_concurrency, self.start_timeout = A.common(
+            autoreset_mode, max_concurrency, start_timeout, worker)
         self.num_envs = A.num_envs(env_fns)
         self.parent_group = bool(parent_group)
         self.num_workers = A.num_workers(num_workers, self.num_envs, self.parent_group)
@@ -380,31 +377,13 @@ class AsyncVectorEnv(VectorEnv):
                     options: dict[str, Any] | None = None) -> None:
         """Send the reset to the workers; :meth:`reset_wait` collects it."""
         self._assert_is_running()
-        seed = self._seeds(seed)
+        seed = A.seeds(seed, self.num_envs)
         self._assert_not_pending("reset_async", end="")
         self._partial.stale.clear()  # a replaced worker's idle envs are reset here anyway
         mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)
-            mask = options.pop("reset_mask")
-            if not isinstance(mask, np.ndarray):
-                raise TypeError(
-                    f"`options['reset_mask']` must be a numpy array, got {type(mask)}"
-                )
-            if mask.shape != (self.num_envs,):
-                raise ValueError(
-                    f"`options['reset_mask']` must have shape `({self.num_envs},)`, "
-                    f"got {mask.shape}"
-                )
-            if mask.dtype != np.bool_:
-                raise TypeError(
-                    f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}"
-                )
-            if not np.any(mask):
-                raise ValueError(
-                    "`options['reset_mask']` must contain a boolean array with at least one "
-                    f"True value, got reset_mask={mask}"
-                )
+            mask = A.reset_mask(options.pop("reset_mask"), self.num_envs)
         requests = [
             M.Reset(list(seed[g.start:g.stop]), options,
                     None if mask is None else [bool(m) for m in mask[g.start:g.stop]])
@@ -419,18 +398,6 @@ class AsyncVectorEnv(VectorEnv):
         infos, errors = self._collect(AsyncState.WAITING_RESET, "reset_async", timeout)
         self._raise_errors(errors)
         return self._observations(), infos
-
-    def _seeds(self, seed: int | list[int | None] | None) -> list[int | None]:
-        if seed is None:
-            return [None] * self.num_envs
-        if isinstance(seed, int):
-            return [seed + i for i in range(self.num_envs)]
-        if len(seed) != self.num_envs:
-            raise ValueError(
-                f"If seeds are passed as a list the length must match num_envs={self.num_envs}"
-                f" but got length={len(seed)}."
-            )
-        return list(seed)
 
     # -- step ------------------------------------------------------------------------------
     def step(self, actions: Any, env_ids: Any = None
@@ -508,7 +475,7 @@ class AsyncVectorEnv(VectorEnv):
         ``env_ids`` no env may be in flight.
         """
         self._assert_is_running()
-        seeds = self._seeds(seed)
+        seeds = A.seeds(seed, self.num_envs)
         if options is not None and "reset_mask" in options:
             raise ValueError("`async_reset` resets every env (or `env_ids`): "
                              "`options['reset_mask']` is for `reset`.")

@@ -145,6 +145,13 @@ def _sizes(workload: str, sizes: Sequence[int]) -> str:
     return f"{workload} " + ",".join(f"x{n}" for n in sizes)
 
 
+def _add_number(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any],
+                default: float, metavar: str, text: str) -> None:
+    """A number option with a default, which its help ``text`` is followed by."""
+    parser.add_argument(flag, type=kind, default=default, metavar=metavar,
+                        help=f"{text} (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastvec.bench", description=_DESCRIPTION, epilog=_EPILOG,
@@ -173,20 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
              f"'{CEILING}' applies to the compute and jitter workloads only; with fastvec, "
              f"the policy workload also times '{DOUBLE_BUFFERED}' (fastvec double-buffered) "
              "when this fastvec has the partial-batch API (AsyncVectorEnv.recv)")
-    parser.add_argument(
-        "--seconds", type=_positive(float), default=2.0, metavar="S",
-        help="timed seconds per backend, per workload, per repeat (default: 2.0)")
-    parser.add_argument(
-        "--repeats", type=_positive(int), default=3, metavar="N",
-        help="timed runs per backend; the table reports their median (default: 3)")
-    parser.add_argument(
-        "--warmup", type=float, default=0.3, metavar="S",
-        help="untimed stepping before each timed run (default: 0.3)")
-    parser.add_argument(
-        "--contention", type=_non_negative_int, default=0, metavar="N",
-        help="run N busy-looping processes (pure-Python `while True: pass`, unpinned) beside "
-             "every timed run, started after calibration and killed at the end, also on "
-             "Ctrl-C or an error (default: 0)")
+    _add_number(parser, "--seconds", _positive(float), 2.0, "S",
+                "timed seconds per backend, per workload, per repeat")
+    _add_number(parser, "--repeats", _positive(int), 3, "N",
+                "timed runs per backend; the table reports their median")
+    _add_number(parser, "--warmup", float, 0.3, "S", "untimed stepping before each timed run")
+    _add_number(parser, "--contention", _non_negative_int, 0, "N",
+                "run N busy-looping processes (pure-Python `while True: pass`, unpinned) "
+                "beside every timed run, started after calibration and killed at the end, "
+                "also on Ctrl-C or an error")
     parser.add_argument(
         "--ray", action="store_true",
         help=f"compare {FASTVEC_RAY} (fastvec.ray over --ray-nodes local Ray nodes, the "
@@ -195,9 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
              f"per step) on a local Ray cluster started for the run; default workloads "
              f"{', '.join(_sizes(w, n) for w, n in RAY_WORKLOADS.items())} (needs "
              "fastvec[ray]; the tianshou row is skipped with a note without tianshou)")
-    parser.add_argument(
-        "--ray-nodes", type=_positive(int), default=2, metavar="N",
-        help="local Ray nodes for --ray (default: 2)")
+    _add_number(parser, "--ray-nodes", _positive(int), 2, "N", "local Ray nodes for --ray")
     parser.add_argument(
         "--json", metavar="PATH",
         help="also write every raw number (each repeat's steps, seconds and steps/s), the "

@@ -17,14 +17,11 @@ import numpy as np
 from gymnasium import Env, Space
 from gymnasium.vector import AutoresetMode
 
-from fastvec.ray._batches import join, take
+from fastvec.ray._batches import StepResult, join, take
 from fastvec.ray._infos import merge_infos, take_infos
 from fastvec.vector_env import AsyncVectorEnv
 
 __all__ = ["NodePool", "StepResult"]
-
-#: ``(observations, rewards, terminations, truncations, infos)`` over a node's rows.
-StepResult = tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]
 
 
 class NodePool:

@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 from gymnasium import Space, spaces
 
-__all__ = ["check_rows", "copy_into", "cut", "join", "same_shape", "take"]
+from fastvec.ray._infos import merge_infos
+
+__all__ = ["StepResult", "check_rows", "copy_into", "cut", "join", "join_results",
+           "same_shape", "take"]
+
+#: ``(observations, rewards, terminations, truncations, infos)`` over some rows.
+StepResult = tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]
 
 
 def cut(space: Space[Any], batch: Any, start: int, stop: int) -> Any:
@@ -32,6 +38,21 @@ def join(space: Space[Any], parts: Sequence[Any]) -> Any:
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts, axis=0)
     return tuple(row for part in parts for row in part)
+
+
+def join_results(space: Space[Any], results: Sequence[StepResult],
+                 sizes: Sequence[int]) -> StepResult:
+    """Results of ``sizes`` rows each, one after the other, as one result: observations of
+    ``space`` joined, infos merged at their offsets (the ``_key`` masks too)."""
+    total = sum(sizes)
+    infos: dict[str, Any] = {}
+    offset = 0
+    for (_, _, _, _, part), n in zip(results, sizes, strict=True):
+        if part:
+            infos = merge_infos(infos, part, offset, n, total)
+        offset += n
+    obs = join(space, [r[0] for r in results])
+    return (obs, *(np.concatenate([r[k] for r in results]) for k in (1, 2, 3)), infos)
 
 
 def take(space: Space[Any], batch: Any, rows: Sequence[int]) -> Any:
