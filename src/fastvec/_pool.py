@@ -1,7 +1,8 @@
 """The worker pool: processes, command delivery, waiting, deaths, restarts and teardown.
 
-:class:`WorkerPool` starts one worker process per group of envs over one segment, rings
-their doorbells with a command (and a request record through each pipe when the command
+:class:`WorkerPool` starts one worker process per group of envs over one segment (with
+:class:`~fastvec._launch.Launcher`; with ``parent_group`` the last group is the parent's own,
+:mod:`fastvec._local`, served in-process while the pool would wait), rings their doorbells with a command (and a request record through each pipe when the command
 needs one), waits for all of them in slices that notice a dead worker and the caller's
 timeout, replaces dead workers when asked to, and frees every process, process group and the
 segment exactly once, also when the vector env is never closed. It raises
@@ -13,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection
@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 from gymnasium import Env, logger
 from gymnasium.vector import AutoresetMode
-from gymnasium.vector.utils import CloudpickleWrapper, clear_mpi_env_vars
 
 from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._kernels import Segment
+from fastvec._launch import Launcher, envs_label
 from fastvec._load import Contention, MachineLoad
 from fastvec._local import LocalGroup, LocalPipe
 from fastvec._processes import (
@@ -40,7 +40,6 @@ from fastvec._processes import (
     default_num_workers,
     finalize,
     has_exited,
-    process_start_time,
     split_groups,
     usable_cores,
 )
@@ -48,16 +47,9 @@ from fastvec._remote_errors import raise_logged, rebuild
 from fastvec._sync import Doorbells
 from fastvec._waiting import WAIT_SLICE, SpinBudget
 from fastvec.errors import WorkerDiedError, WorkerStartTimeoutError
-from fastvec.worker import worker_main
 
 # the process helpers are re-exported: the face and the argument checks take them from here
 __all__ = ["WorkerPool", "default_num_workers", "finalize", "split_groups", "usable_cores"]
-
-# Worker processes start one at a time across the process's threads. Forking is quick, so
-# threads building vector envs at once lose nothing, and an at-fork hook that cannot bear
-# concurrent forks (filelock 3.32's, which Ray and Tianshou import, raises RuntimeError when
-# another thread forks while it runs) is never entered twice.
-_START_LOCK = threading.Lock()
 
 # Commands during which restart_workers=True replaces a dead worker (construction and close
 # do not: there a death raises WorkerDiedError, or is ignored by close).
@@ -154,6 +146,9 @@ class WorkerPool:
         self._sent = [0] * plan.num_envs
         self._id_cursor = [0] * self.num_workers
         self._worker_of = [w for w, group in enumerate(self.groups) for _ in group]
+        self._launcher = Launcher(env_fns, self.groups, plan, res, self.doorbells, self._ctx,
+                                  daemon=daemon, autoreset_mode=autoreset_mode,
+                                  semaphore=self._semaphore, start_timeout=start_timeout)
         self.local: LocalGroup | None = None
         if parent_group:
             self.local = res.local = LocalGroup(
@@ -203,104 +198,21 @@ class WorkerPool:
 
     def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None
                 ) -> tuple[BaseProcess, connection.Connection]:
-        """Start the process of worker ``w``; return it and the parent's end of its pipe."""
-        group = self.groups[w]
-        shm = self.resources.shm
-        assert shm is not None
+        """Start the process of worker ``w`` (pinned if workers are, see ``_pinned``)."""
         cores = self._cores
         core = cores[w % len(cores)] if self._pinned and cores else None
-        # a replacement starts from scratch, whatever its predecessor reported
-        self.doorbells.store(self.plan.worker_line(w) + S.STATUS, S.STATUS_STARTING)
-        with clear_mpi_env_vars():
-            parent_pipe, child_pipe = self._ctx.Pipe()
-            env_fns = [CloudpickleWrapper(self.env_fns[i]) for i in group]
-            process = self._ctx.Process(  # type: ignore[attr-defined]
-                target=worker_main,
-                name=f"Worker<AsyncVectorEnv>-{w}",
-                args=(w, group.start, env_fns, child_pipe, parent_pipe, self.plan,
-                      shm.handle, self.autoreset_mode, self._semaphore, os.getpid(), core),
-                kwargs={"initial_reset": initial_reset},
-                daemon=self.daemon,
-            )
-            try:
-                with _START_LOCK:  # one fork at a time, whatever the threads
-                    process.start()
-            except BaseException:
-                parent_pipe.close()
-                raise
-            finally:
-                child_pipe.close()
-        if process.pid is not None:
-            self.resources.start_times[process.pid] = process_start_time(process.pid)
-        return process, parent_pipe
+        return self._launcher.launch(w, core, initial_reset)
 
     def _await_start(self, workers: Sequence[int],
                      replies: bool = False) -> dict[int, list[Any]]:
-        """Wait until each of ``workers`` sent :class:`Ready` (then, with ``replies``, the
-        reply of its initial reset) or :class:`InitError`; return each one's messages.
-
-        A worker whose phase (``_phase``) stays the same for ``start_timeout`` seconds raises
-        :class:`WorkerStartTimeoutError`; one that dies raises :class:`WorkerDiedError`.
-        """
-        res = self.resources
-        wanted = 2 if replies else 1
-        messages: dict[int, list[Any]] = {w: [] for w in workers}
-        now = time.monotonic()
-        progress = {w: (self._phase_words(w), now) for w in workers}
-        waiting = set(workers)
-        while waiting:
-            handles: dict[Any, int] = {}
-            for w in waiting:
-                handles[res.pipes[w]] = handles[res.processes[w].sentinel] = w
-            for handle in connection.wait(list(handles), WAIT_SLICE * 4):
-                w = handles[handle]
-                if w not in waiting:
-                    continue
-                messages[w].append(self.recv(w))  # a message or a death: no waiting here
-                if isinstance(messages[w][0], M.InitError) or len(messages[w]) == wanted:
-                    waiting.discard(w)
-                progress[w] = (self._phase_words(w), time.monotonic())
-            now = time.monotonic()
-            for w in sorted(waiting):
-                words, since = progress[w]
-                if self._phase_words(w) != words:
-                    progress[w] = (self._phase_words(w), now)
-                elif self.start_timeout is not None and now - since > self.start_timeout:
-                    raise self._start_timeout(w, self._phase(w))
-        return messages
-
-    def _phase_words(self, w: int) -> tuple[int, int]:
-        line = self.plan.worker_line(w)
-        return (self.doorbells.load(line + S.STATUS), self.doorbells.load(line + S.STATUS_ENV))
-
-    def _phase(self, w: int) -> str:
-        """What worker ``w`` reports doing while it starts."""
-        status, env = self._phase_words(w)
-        if status == S.STATUS_BUILDING:
-            return f"building env {env} (its env function had not returned)"
-        if status == S.STATUS_RESETTING:
-            return f"resetting env {env}"
-        if status == S.STATUS_READY:
-            return "sending its ready message"
-        return "starting up (its process had not attached the segment yet)"
-
-    def _start_timeout(self, w: int, phase: str) -> WorkerStartTimeoutError:
-        assert self.start_timeout is not None
-        return WorkerStartTimeoutError(
-            f"{self.describe(w)} made no progress for {self.start_timeout:g} s while {phase}. "
-            "Building or resetting an env may legitimately take longer (a simulator): pass a "
-            "larger `start_timeout=` (seconds, or None to wait forever) to AsyncVectorEnv.",
-            worker=w, env_indices=tuple(self.groups[w]),
-            pid=self.resources.processes[w].pid, phase=phase)
+        return self._launcher.await_start(workers, self.recv, replies)
 
     def describe(self, w: int) -> str:
-        """``fastvec worker <w> (pid <pid>, envs <a>..<b>)``."""
-        group = self.groups[w]
-        envs = (f"env {group.start}" if len(group) == 1
-                else f"envs {group.start}..{group.stop - 1}")
+        """``fastvec worker <w> (pid <pid>, envs <a>..<b>)``, or the parent's group."""
         if w == self.remote:
-            return f"the parent's group ({envs})"
-        return f"fastvec worker {w} (pid {self.resources.processes[w].pid}, {envs})"
+            group = self.groups[w]
+            return f"the parent's group ({envs_label(group)})"
+        return self._launcher.describe(w)
 
     # -- contention ------------------------------------------------------------------------
     @property
@@ -563,7 +475,7 @@ class WorkerPool:
             busy = [w for w in range(self.num_workers)
                     if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ)]
             w = min(busy, default=0)
-            raise self._start_timeout(w, phase) from None
+            raise self._launcher.timeout_error(w, phase) from None
 
     def _survivors_done(self) -> bool:
         doorbells, line = self.doorbells, self.plan.worker_line
