@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing import connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -45,6 +46,7 @@ def envs_label(group: range) -> str:
     return f"env {group.start}" if len(group) == 1 else f"envs {group.start}..{group.stop - 1}"
 
 
+@dataclass
 class Launcher:
     """Starts the worker processes of one pool.
 
@@ -59,20 +61,16 @@ class Launcher:
         As the pool was given them (``semaphore``: the max_concurrency permits, or None).
     """
 
-    def __init__(self, env_fns: Sequence[Callable[[], Env[Any, Any]]], groups: list[range],
-                 plan: S.SegmentPlan, resources: Resources, doorbells: Doorbells,
-                 context: BaseContext, *, daemon: bool, autoreset_mode: AutoresetMode,
-                 semaphore: Semaphore | None, start_timeout: float | None) -> None:
-        self.env_fns = env_fns
-        self.groups = groups
-        self.plan = plan
-        self.resources = resources
-        self.doorbells = doorbells
-        self.context = context
-        self.daemon = daemon
-        self.autoreset_mode = autoreset_mode
-        self.semaphore = semaphore
-        self.start_timeout = start_timeout
+    env_fns: Sequence[Callable[[], Env[Any, Any]]]
+    groups: list[range]
+    plan: S.SegmentPlan
+    resources: Resources
+    doorbells: Doorbells
+    context: BaseContext
+    daemon: bool
+    autoreset_mode: AutoresetMode
+    semaphore: Semaphore | None
+    start_timeout: float | None
 
     def launch(self, w: int, core: int | None, initial_reset: tuple[bool, bool] | None = None
                ) -> tuple[BaseProcess, connection.Connection]:

@@ -2,8 +2,8 @@
 
 :class:`WorkerPool` starts one worker process per group of envs over one segment (with
 :class:`~fastvec._launch.Launcher`; with ``parent_group`` the last group is the parent's own,
-:mod:`fastvec._local`, served in-process while the pool would wait), rings their doorbells with a command (and a request record through each pipe when the command
-needs one), waits for all of them in slices that notice a dead worker and the caller's
+:mod:`fastvec._local`, served in-process while the pool would wait), rings their doorbells
+with a command (and a request record through each pipe when the command needs one), waits for all of them in slices that notice a dead worker and the caller's
 timeout, replaces dead workers when asked to, and frees every process, process group and the
 segment exactly once, also when the vector env is never closed. It raises
 :class:`~fastvec.errors.WorkerDiedError` and knows nothing of Gymnasium's call states.
@@ -147,8 +147,7 @@ class WorkerPool:
         self._id_cursor = [0] * self.num_workers
         self._worker_of = [w for w, group in enumerate(self.groups) for _ in group]
         self._launcher = Launcher(env_fns, self.groups, plan, res, self.doorbells, self._ctx,
-                                  daemon=daemon, autoreset_mode=autoreset_mode,
-                                  semaphore=self._semaphore, start_timeout=start_timeout)
+                                  daemon, autoreset_mode, self._semaphore, start_timeout)
         self.local: LocalGroup | None = None
         if parent_group:
             self.local = res.local = LocalGroup(
