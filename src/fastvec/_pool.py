@@ -3,8 +3,9 @@
 :class:`WorkerPool` starts one worker process per group of envs over one segment (with
 :class:`~fastvec._launch.Launcher`; with ``parent_group`` the last group is the parent's own,
 :mod:`fastvec._local`, served in-process while the pool would wait), rings their doorbells
-with a command (and a request record through each pipe when the command needs one), waits for all of them in slices that notice a dead worker and the caller's
-timeout, replaces dead workers when asked to, and frees every process, process group and the
+with a command (and a request record through each pipe when the command needs one), waits
+for all of them in slices that notice a dead worker and the caller's timeout, replaces dead
+workers when asked to, and frees every process, process group and the
 segment exactly once, also when the vector env is never closed. It raises
 :class:`~fastvec.errors.WorkerDiedError` and knows nothing of Gymnasium's call states.
 """
