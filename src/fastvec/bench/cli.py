@@ -349,6 +349,13 @@ def format_notes(results: Sequence[Result], extra: dict[str, Any]) -> list[str]:
             f"policy x{num_envs}: bound = {num_envs} envs x {p['cores']} cores / (policy + "
             f"env) = {_fmt_int(p['bound'])} env-steps/s; no vectoriser beats it on "
             f"{p['cores']} cores")
+        if p.get("double_buffered_bound") and p.get("half_policy_seconds"):
+            notes.append(
+                f"policy x{num_envs}: a double-buffered loop runs the policy twice per "
+                f"{num_envs} env steps on {int(num_envs) // 2} rows, "
+                f"{p['half_policy_seconds'] * 1e3:.2f} ms each "
+                f"({p['half_policy_seconds'] / p['policy_seconds']:.2f} of the whole batch's), "
+                f"so its own bound is {_fmt_int(p['double_buffered_bound'])} env-steps/s")
     if any(r.backend == PARENT for r in results):
         notes.append(f"{PARENT}: fastvec with parent_group=True, the parent stepping one group "
                      "of envs itself while it waits (procs: the worker processes beside it)")

@@ -198,6 +198,9 @@ class PolicySetup:
     policy_seconds: float  # one forward pass over a batch of num_envs rows
     cpu_per_wall: float  # the parent's CPU time over wall time during the forward passes
     blas: str  # how BLAS was held to one thread
+    #: one forward pass over num_envs // 2 rows (a double-buffered loop's batch); None: not
+    #: measured
+    half_policy_seconds: float | None = None
 
     @property
     def env_batch_seconds(self) -> float:
@@ -208,8 +211,18 @@ class PolicySetup:
         """The env-steps/s no vectoriser can beat on ``cores`` cores with this policy."""
         return self.num_envs * cores / (self.policy_seconds + self.env_batch_seconds)
 
+    def double_buffered_bound(self, cores: int) -> float | None:
+        """The bound of a double-buffered loop: it runs the policy twice per ``num_envs``
+        env steps, on half the rows each time, and a forward pass over half the rows costs
+        more than half of one over all of them (BLAS's per-call work), so this is lower
+        than :meth:`bound`."""
+        if self.half_policy_seconds is None:
+            return None
+        return self.num_envs * cores / (2 * self.half_policy_seconds + self.env_batch_seconds)
+
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy.describe(), "depth": self.policy.depth,
+                "half_policy_seconds": self.half_policy_seconds,
                 "num_envs": self.num_envs, "env_step_seconds": self.env_step_seconds,
                 "env_batch_seconds": self.env_batch_seconds,
                 "policy_seconds": self.policy_seconds, "cpu_per_wall": self.cpu_per_wall,
@@ -248,7 +261,8 @@ def calibrate_policy(env_fn: Callable[[], gym.Env], num_envs: int, blas: str,
         per_layer = (seconds - base) / policy.depth
         policy = build(_depth_for(target, base, per_layer))
         seconds, cpu_per_wall = _policy_cost(policy, obs)
-    return PolicySetup(policy, num_envs, target / num_envs, seconds, cpu_per_wall, blas)
+    half = _policy_cost(policy, obs[:num_envs // 2])[0] if num_envs >= 2 else None
+    return PolicySetup(policy, num_envs, target / num_envs, seconds, cpu_per_wall, blas, half)
 
 
 # -- loop modes ------------------------------------------------------------------------------

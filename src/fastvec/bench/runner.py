@@ -433,7 +433,8 @@ def prepare(workload: Workload, num_envs: int, extra: dict[str, Any]) -> Prepare
     with single_blas_thread() as blas:
         setup = calibrate_policy(env_fn, num_envs, blas)
     extra.setdefault("policy", {})[str(num_envs)] = {
-        **setup.to_json(), "cores": usable_cores(), "bound": setup.bound(usable_cores())}
+        **setup.to_json(), "cores": usable_cores(), "bound": setup.bound(usable_cores()),
+        "double_buffered_bound": setup.double_buffered_bound(usable_cores())}
     return Prepared(env_fn, setup)
 
 
