@@ -164,6 +164,12 @@ def test_reset_and_step_subsets_match_dummy_vector_env():
         assert ours.get_env_attr("jitter") == [0.0, 0.5, 0.0, 0.0]
         ours.set_env_attr("jitter", 0.0)
         assert ours.get_env_attr("jitter") == [0.0] * 4
+        # a new attribute set on some envs reaches only those (the others never had it)
+        ours.set_env_attr("only_on_two", 7, [2])
+        assert ours.get_env_attr("only_on_two", [2]) == [7]
+        with pytest.warns(UserWarning), \
+                pytest.raises(AttributeError):
+            ours.get_env_attr("only_on_two", [0])
         assert ours.action_space == theirs.action_space
         assert ours.observation_space == theirs.observation_space
         assert ours.metadata == theirs.metadata

@@ -138,8 +138,7 @@ class TianshouVectorEnv(BaseVectorEnv):
         if key in self._spaces:
             return [self._spaces[key][j] for j in ids]
         self._drain()
-        values = self._venv.get_attr(key)
-        return [values[j] for j in ids]
+        return list(self._venv.get_attr(key, env_ids=ids))
 
     def set_env_attr(self, key: str, value: Any,
                      id: int | Sequence[int] | np.ndarray | None = None) -> None:
@@ -149,14 +148,7 @@ class TianshouVectorEnv(BaseVectorEnv):
         if self.is_async:
             self._assert_id(ids)
         self._drain()
-        if sorted(ids) == list(range(self.env_num)):
-            self._venv.set_attr(key, [value] * self.env_num)
-            return
-        # fastvec sets an attribute on every env: the others get their own value back
-        values = list(self._venv.get_attr(key))
-        for j in ids:
-            values[j] = value
-        self._venv.set_attr(key, values)
+        self._venv.set_attr(key, [value] * len(ids), env_ids=list(ids))
 
     # -- reset -----------------------------------------------------------------------------
     def reset(self, env_id: int | Sequence[int] | np.ndarray | None = None,
