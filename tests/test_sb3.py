@@ -70,12 +70,17 @@ def batch_actions(space, rng, n=N):
     return np.stack([space.sample() for _ in range(n)])
 
 
+@pytest.mark.parametrize("options", [
+    pytest.param({"num_workers": 2}, id="workers"),
+    # the last group stepped in this process (fastvec's parent_group)
+    pytest.param({"num_workers": 1, "parent_group": True}, id="parent-group"),
+])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_dummy_vec_env(case):
+def test_matches_dummy_vec_env(case, options):
     obs_space, action_space = CASES[case]
     fns = space_fns(obs_space, action_space)
     reference = DummyVecEnv(fns)
-    adapter = FastVecEnv(fns, num_workers=2)
+    adapter = FastVecEnv(fns, **options)
     rng = np.random.default_rng(3)
     ends = np.zeros(N, dtype=int)
     try:
