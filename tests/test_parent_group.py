@@ -216,3 +216,21 @@ def test_step_async_returns_before_the_parents_group_steps():
         obs, *_ = envs.step_wait()
         assert obs[:, 1].tolist() == [1, 1]
 
+
+
+def test_a_timeout_passed_while_the_parent_stepped_its_group_keeps_the_call_pending():
+    """The parent's own envs cannot be interrupted, but a step that outlasts the timeout
+    still raises TimeoutError and stays pending, its results kept for the next wait."""
+    import multiprocessing
+
+    import robust_envs
+
+    fns = [functools.partial(robust_envs.SlowEnv, index=i) for i in range(2)]
+    with fastvec.AsyncVectorEnv(fns, num_workers=1, parent_group=True) as envs:
+        envs.reset(seed=0)
+        envs.set_attr("step_delay", [0.0, 0.3])  # env 1 is the parent's
+        envs.step_async(np.array([1, 2]))
+        with pytest.raises(multiprocessing.TimeoutError, match="step_wait"):
+            envs.step_wait(timeout=0.05)
+        obs, rewards, *_ = envs.step_wait(timeout=5)
+        assert obs.tolist() == [[0, 1], [1, 1]] and rewards.tolist() == [11.0, 22.0]

@@ -306,15 +306,19 @@ class WorkerPool:
         the other workers are done, then the dead ones are replaced (see ``_replace_lost``).
         On ``multiprocessing.TimeoutError`` the command stays pending: wait again.
         """
-        self.serve_local()  # the parent's group first: the workers step theirs meanwhile
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        if self.serve_local() and deadline is not None and time.monotonic() > deadline:
+            # the parent's own group took longer than the timeout: the call stays pending
+            # (its results are kept; the next wait returns them), as if a worker had
+            raise multiprocessing.TimeoutError(
+                f"The call to `{name}_wait` has timed out after {timeout} second(s).")
         doorbells = self.doorbells
         pending = self._pending
         restart = self.restart_workers and not self.closing and name in RESTARTABLE
         lost = self._lost
         if lost and not restart:
             self._worker_died(min(lost))
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
         spin_until = start + self._spin_budget()
         # workers are checked every slice, also when other workers' progress woke us
         next_check = start + WAIT_SLICE
