@@ -6,7 +6,7 @@ serves that group's entries of the command queue in-process, with the same
 :class:`~fastvec.worker.Worker` code the worker processes run. On a machine whose cores are
 shared with other work this saves one process that must be scheduled for every step, and
 the hand-off to it; the price is isolation (an env that crashes the interpreter takes the
-caller with it, and an env that hangs cannot be timed out).
+caller with it, and an env that hangs cannot be interrupted).
 
 Everything still goes through the segment and the queue exactly as for a worker process:
 the group's results land in the same rows, its replies are pickled the same way (so an

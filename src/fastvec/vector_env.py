@@ -149,13 +149,13 @@ class AsyncVectorEnv(VectorEnv):
         cores other work shares, this saves a process that must be scheduled every step and
         the hand-off to it (the README's "On a busy machine"). The group's envs are built
         in the calling process and lose a worker's isolation: an env that crashes the
-        interpreter takes the caller with it, one that hangs cannot be timed out, and
-        ``restart_workers`` has nothing to restart there; a ``KeyboardInterrupt`` while the
-        parent steps them leaves the call pending (close the vector env then). Everything
-        else (the segment, replies, errors, autoreset, ``copy``) is the same as for a
-        worker's group. Default ``False``. It suits the synchronous loop: with partial
-        batches the parent's envs step only while it is in ``recv``, not while it computes
-        the next actions.
+        interpreter takes the caller with it, one that hangs cannot be interrupted (a
+        timeout raises once it returns), and ``restart_workers`` has nothing to restart
+        there; a ``KeyboardInterrupt`` while the parent steps them leaves the call pending
+        (close the vector env then). Everything else (the segment, replies, errors,
+        autoreset, ``copy``) is the same as for a worker's group. Default ``False``. It
+        suits the synchronous loop: with partial batches the parent's envs step only while
+        it is in ``recv``, not while it computes the next actions.
     batch_size
         How many envs :meth:`recv` returns: the first ``batch_size`` to finish. Default
         ``num_envs``: ``step`` and ``reset`` are Gymnasium's, synchronous, unchanged. With
