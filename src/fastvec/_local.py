@@ -17,7 +17,6 @@ the same way. Only the pipe is replaced, by :func:`local_pipes`.
 from __future__ import annotations
 
 import copy
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.reduction import ForkingPickler
@@ -93,8 +92,6 @@ class LocalGroup:
         self.index = index
         # the last queue entry served (the worker's CMD_SEQ when it was built)
         self.served = 0
-        # CPU seconds spent stepping the group (the pool counts them as its own, not load)
-        self.cpu = 0.0
 
     def build(self, env_fns: Sequence[Callable[[], Env[Any, Any]]]) -> M.InitError | None:
         """Build the group's envs; an env function that raises is returned as the
@@ -115,14 +112,10 @@ class LocalGroup:
         worker = self.worker
         if worker is None or self.served == published:
             return False
-        cpu = time.thread_time()
-        try:
-            while self.served != published:
-                self.served = seq = (self.served + 1) & 0xFFFFFFFF
-                if worker.serve(seq):  # close: the envs are closed, the pipe holds the reply
-                    break
-        finally:
-            self.cpu += time.thread_time() - cpu
+        while self.served != published:
+            self.served = seq = (self.served + 1) & 0xFFFFFFFF
+            if worker.serve(seq):  # close: the envs are closed, the pipe holds the reply
+                break
         return True
 
     def release(self) -> None:

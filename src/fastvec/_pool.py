@@ -114,9 +114,11 @@ class WorkerPool:
         # the parent's CPU seconds inside waits (spinning is the pool's own, not other work)
         # and between a synchronous command's wait and the next command (the workers idle
         # then, so the caller's computing does not compete with them); _cpu_mark: the
-        # thread's CPU time when the last wait ended
+        # thread's CPU time when the last wait ended; _rung_at: when the last synchronous
+        # command was sent (the caller's time from there to its wait is not the pool's)
         self.waiting_cpu = 0.0
         self._cpu_mark = time.thread_time()
+        self._rung_at = time.monotonic()
         self.contention = Contention(
             MachineLoad(self._cores, self._worker_pids, lambda: self.waiting_cpu)
             if self._cores else None)
@@ -258,11 +260,6 @@ class WorkerPool:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
-        # nothing is in flight before a synchronous command: since the last wait the workers
-        # were idle, and whatever the caller computed took no core from them
-        cpu = time.thread_time()
-        self.waiting_cpu += max(0.0, cpu - self._cpu_mark)
-        self._cpu_mark = cpu
         self._adapt()
         doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
@@ -276,6 +273,7 @@ class WorkerPool:
         self._wake(range(self.num_workers))
         if payloads is not None:
             self._send_payloads(dict(enumerate(payloads)))
+        self._rung_at = time.monotonic()
 
     def _wake(self, workers: Iterable[int]) -> None:
         """Wake ``workers`` (their doorbells rung): each on its own, or with more workers
@@ -307,8 +305,11 @@ class WorkerPool:
         On ``multiprocessing.TimeoutError`` the command stays pending: wait again.
         """
         start = time.monotonic()
+        # the caller's computing while the command was in flight (wall time: it is short, or
+        # it competed with the workers, which is what it is counted as)
+        caller = max(0.0, start - self._rung_at)
         deadline = None if timeout is None else start + timeout
-        if self.serve_local() and deadline is not None and time.monotonic() > deadline:
+        if self.serve_local(account=False) and deadline is not None and time.monotonic() > deadline:
             # the parent's own group took longer than the timeout: the call stays pending
             # (its results are kept; the next wait returns them), as if a worker had
             raise multiprocessing.TimeoutError(
@@ -322,7 +323,6 @@ class WorkerPool:
         spin_until = start + self._spin_budget()
         # workers are checked every slice, also when other workers' progress woke us
         next_check = start + WAIT_SLICE
-        cpu = time.thread_time()
         while True:
             value = doorbells.load(pending)
             if value == 0 or (lost and self._survivors_done()):
@@ -342,8 +342,11 @@ class WorkerPool:
                     )
                 wait = min(wait, remaining)
             doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
-        self._cpu_mark = time.thread_time()
-        self.waiting_cpu += self._cpu_mark - cpu
+        # one clock read per command: nothing was in flight before it (since the last wait
+        # the workers were idle, and whatever the caller computed took no core from them)
+        cpu = time.thread_time()
+        self.waiting_cpu += max(0.0, cpu - self._cpu_mark - caller)
+        self._cpu_mark = cpu
         if not lost:
             self._spin.record(time.monotonic() - start)
         replies: list[M.Reply | None] = [None] * self.num_workers
@@ -520,16 +523,20 @@ class WorkerPool:
             return self.local.pipe
         return self.resources.pipes[w]
 
-    def serve_local(self) -> bool:
+    def serve_local(self, account: bool = True) -> bool:
         """Step the parent's group through every entry queued for it (the parent would
-        otherwise wait); return whether there was any. Its CPU time is the pool's own."""
+        otherwise wait); return whether there was any. Its CPU time is the pool's own:
+        ``account=False`` when the caller counts it already (a synchronous wait)."""
         local = self.local
         if local is None:
             return False
-        cpu = local.cpu
-        served = local.serve(self._seq[self.remote])
-        self.waiting_cpu += local.cpu - cpu
-        return served
+        if not account:
+            return local.serve(self._seq[self.remote])
+        cpu = time.thread_time()
+        try:
+            return local.serve(self._seq[self.remote])
+        finally:
+            self.waiting_cpu += time.thread_time() - cpu
 
     def allocate_scratch(self) -> None:
         """Allocate the scratch slot's pages before a command first writes it (once)."""
