@@ -3,7 +3,8 @@
 This module holds Gymnasium's API and semantics: argument checks, the call states
 (:class:`AsyncState`, owned here only), the spaces, the observation slots handed to the
 caller, info batching and the wording of every error. Processes, doorbells and waiting are the
-pool's (:mod:`fastvec._pool`).
+pool's (:mod:`fastvec._pool`). ``call``, ``get_attr``, ``set_attr`` and ``render`` come from
+the base class :class:`fastvec._env_calls.EnvCalls`, whose pending call is kept here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from gymnasium.vector.utils import (
 
 from fastvec import _arguments as A
 from fastvec import _messages as M
+from fastvec._env_calls import EnvCalls
 from fastvec._partial import PartialBatches
 from fastvec._pool import WorkerPool, finalize, usable_cores
 from fastvec._remote_errors import EnvError, raise_logged
@@ -60,7 +62,7 @@ class AsyncState(Enum):
     WAITING_CALL = "call"
 
 
-class AsyncVectorEnv(VectorEnv):
+class AsyncVectorEnv(EnvCalls, VectorEnv):
     """Steps sub-environments in worker processes, moving every per-step byte through shared memory.
 
     A drop-in for :class:`gymnasium.vector.AsyncVectorEnv`: the same constructor, methods,
@@ -645,125 +647,19 @@ class AsyncVectorEnv(VectorEnv):
                                         self.observations)
         return deepcopy(self.observations) if self.copy else self.observations
 
-    # -- call, get_attr, set_attr, render --------------------------------------------------
-    def call(self, name: str | Callable[..., Any], *args: Any,
-             env_ids: Sequence[int] | None = None, **kwargs: Any) -> tuple[Any, ...]:
-        """Call ``name`` (a method, or read an attribute) on every sub-environment.
-
-        fastvec's additions: ``env_ids`` (a sequence of env indices) runs the call on those
-        envs only and returns their results in that order; a callable ``name`` runs
-        ``name(env, *args, **kwargs)`` in the worker on each env (it must pickle).
-        """
-        self.call_async(name, *args, env_ids=env_ids, **kwargs)
-        return self.call_wait()
-
-    def render(self) -> tuple[Any, ...] | None:
-        """The rendered frame of every sub-environment."""
-        return self.call("render")
-
-    def call_async(self, name: str | Callable[..., Any], *args: Any,
-                   env_ids: Sequence[int] | None = None, **kwargs: Any) -> None:
-        """Send ``call(name, *args, **kwargs)`` to every sub-environment (or to ``env_ids``)."""
-        self._assert_is_running()
-        ids = A.call_env_ids(env_ids, self.num_envs)
-        self._assert_not_pending("call_async")
-        if ids is None:
-            requests = [M.Call(name, args, kwargs)] * len(self._groups)
-        else:
-            requests = [M.Call(name, args, kwargs, group)
-                        for group in self._by_group(ids)]
-        self._pool.ring(M.Command.REQUEST, requests)
+    # -- call, get_attr, set_attr, render (fastvec._env_calls): their call state -----------
+    def _call_sent(self, ids: list[int] | None) -> None:
+        """A call went to the workers (for the envs ``ids``, or every env): it is pending."""
         self._call_ids = ids
         self._state = AsyncState.WAITING_CALL
 
-    def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
-        """Wait for the call sent by :meth:`call_async`; one result per sub-environment
-        (per env of its ``env_ids``, in their order)."""
-        self._assert_is_running()
+    def _call_replies(self, timeout: float | None
+                      ) -> tuple[list[M.Reply | None], list[int] | None]:
+        """Wait for the pending call and end it: its replies and its env ids."""
         self._assert_pending(AsyncState.WAITING_CALL, "call_wait", "call_async")
         replies = self._wait(timeout, "call")
         self._state = AsyncState.DEFAULT
-        return self._in_order(self._gather_results(replies), self._call_ids)
-
-    def _by_group(self, ids: list[int]) -> list[list[int]]:
-        """``ids`` split by worker group, ascending in each (empty for a group with none)."""
-        chosen = set(ids)
-        return [[i for i in group if i in chosen] for group in self._groups]
-
-    @staticmethod
-    def _in_order(results: tuple[Any, ...], ids: list[int] | None) -> tuple[Any, ...]:
-        """Results gathered in ascending env order, put in the order of ``ids``."""
-        if ids is None:
-            return results
-        by_env = dict(zip(sorted(ids), results, strict=True))
-        return tuple(by_env[i] for i in ids)
-
-    def _gather_results(self, replies: Sequence[M.Reply | None]) -> tuple[Any, ...]:
-        """One result per env, in env order; the envs' errors are raised."""
-        results: list[Any] = []
-        errors: list[EnvError] = []
-        for reply in replies:
-            assert reply is not None and reply.results is not None, "a request always answers"
-            results.extend(reply.results)
-            errors.extend(reply.errors)
-        self._raise_errors(errors)
-        return tuple(results)
-
-    def get_attr(self, name: str, *, env_ids: Sequence[int] | None = None) -> tuple[Any, ...]:
-        """The attribute ``name`` of every sub-environment (or of those in ``env_ids``, in
-        that order)."""
-        return self.call(name, env_ids=env_ids)
-
-    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | object, *,
-                 env_ids: Sequence[int] | None = None) -> None:
-        """Set ``name`` on every sub-environment (one value each, or one for all); with
-        ``env_ids``, on those envs only (one value each, in their order, or one for all)."""
-        self._assert_is_running()
-        ids = A.call_env_ids(env_ids, self.num_envs)
-        count = self.num_envs if ids is None else len(ids)
-        if not isinstance(values, (list, tuple)):
-            values = [values for _ in range(count)]
-        if len(values) != count:
-            raise ValueError(
-                "Values must be a list or tuple with length equal to the number of "
-                f"environments. Got `{len(values)}` values for {count} environments."
-            )
-        self._assert_not_pending("set_attr")
-        if ids is None:
-            requests = [M.SetAttr(name, list(values[g.start:g.stop])) for g in self._groups]
-        else:
-            value_of = dict(zip(ids, values, strict=True))
-            requests = [M.SetAttr(name, [value_of[i] for i in group], group)
-                        for group in self._by_group(ids)]
-        self._pool.ring(M.Command.REQUEST, requests)
-        self._gather_results(self._wait(None, "set_attr"))
-
-    def _check_spaces(self) -> None:
-        self._assert_is_running()
-        request = M.CheckSpaces(self.observation_mode, self.single_observation_space,
-                                self.single_action_space)
-        self._pool.ring(M.Command.REQUEST, [request] * len(self._groups))
-        replies = self._pool.wait_starting(
-            "check_spaces", "answering the space check (reading its envs' spaces)")
-        results = self._gather_results(replies)
-        same_observation_spaces, same_action_spaces = zip(*results, strict=True)
-        if not all(same_observation_spaces):
-            if self.observation_mode == "same":
-                raise RuntimeError(
-                    "AsyncVectorEnv(..., observation_mode='same') however some of the "
-                    "sub-environments observation spaces are not equivalent. If this is "
-                    "intentional, use `observation_mode='different'` instead."
-                )
-            raise RuntimeError(
-                "AsyncVectorEnv(..., observation_mode='different' or custom space) however the "
-                "sub-environment's observation spaces do not share a common shape and dtype."
-            )
-        if not all(same_action_spaces):
-            raise RuntimeError(
-                f"Some environments have an action space different from "
-                f"`{self.single_action_space}`. In order to batch actions, the action spaces "
-                "from all environments must be equal."
-            )
+        return replies, self._call_ids
 
     # -- close -----------------------------------------------------------------------------
     def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
