@@ -5,8 +5,9 @@
 :mod:`fastvec._local`, served in-process while the pool would wait), rings their doorbells
 with a command (and a request record through each pipe when the command needs one), waits
 for all of them in slices that notice a dead worker and the caller's timeout, replaces dead
-workers when asked to, and frees every process, process group and the
-segment exactly once, also when the vector env is never closed. It raises
+workers when asked to (its base class :class:`~fastvec._deaths.WorkerDeaths`), and frees
+every process, process group and the segment exactly once, also when the vector env is never
+closed. It raises
 :class:`~fastvec.errors.WorkerDiedError` and knows nothing of Gymnasium's call states.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection
@@ -25,14 +25,15 @@ from multiprocessing.synchronize import Semaphore
 from typing import Any
 
 import numpy as np
-from gymnasium import Env, logger
+from gymnasium import Env
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
+from fastvec._deaths import RESTARTABLE, WorkerDeaths
 from fastvec._kernels import Segment
-from fastvec._launch import Launcher, envs_label
+from fastvec._launch import Launcher
 from fastvec._load import Contention, MachineLoad
 from fastvec._local import LocalGroup, LocalPipe
 from fastvec._processes import (
@@ -40,24 +41,18 @@ from fastvec._processes import (
     affinity,
     default_num_workers,
     finalize,
-    has_exited,
     split_groups,
     usable_cores,
 )
-from fastvec._remote_errors import raise_logged, rebuild
+from fastvec._remote_errors import raise_logged
 from fastvec._sync import Doorbells
 from fastvec._waiting import WAIT_SLICE, SpinBudget
-from fastvec.errors import WorkerDiedError, WorkerStartTimeoutError
 
 # the process helpers are re-exported: the face and the argument checks take them from here
 __all__ = ["WorkerPool", "default_num_workers", "finalize", "split_groups", "usable_cores"]
 
-# Commands during which restart_workers=True replaces a dead worker (construction and close
-# do not: there a death raises WorkerDiedError, or is ignored by close).
-RESTARTABLE = frozenset({"step", "reset", "call", "set_attr"})
 
-
-class WorkerPool:
+class WorkerPool(WorkerDeaths):
     """The worker processes of one vector env and the segment they share.
 
     Parameters
@@ -93,16 +88,7 @@ class WorkerPool:
         self.pin_workers = pin_workers
         self.restart_workers = restart_workers
         self.start_timeout = start_timeout
-        # set once a worker died and the pool cannot continue: every later call raises it
-        self.broken: WorkerDiedError | None = None
-        # set by the vector env's close: a worker that dies now is not replaced
-        self.closing = False
-        # workers found dead during the current command, before it is resolved
-        self._lost: set[int] = set()
-        # while collecting replies a restart may absorb: a dead worker is lost, not fatal
-        self._restarting = False
-        # replacements started during the current step: (worker, their reset reply)
-        self.replaced: list[tuple[int, M.Reply]] = []
+        super().__init__()  # no worker found dead, none replaced
         self._spin = SpinBudget()
         self._ctx: BaseContext = multiprocessing.get_context(context)
         self._semaphore: Semaphore | None = (
@@ -208,13 +194,6 @@ class WorkerPool:
     def _await_start(self, workers: Sequence[int],
                      replies: bool = False) -> dict[int, list[Any]]:
         return self._launcher.await_start(workers, self.recv, replies)
-
-    def describe(self, w: int) -> str:
-        """``fastvec worker <w> (pid <pid>, envs <a>..<b>)``, or the parent's group."""
-        if w == self.remote:
-            group = self.groups[w]
-            return f"the parent's group ({envs_label(group)})"
-        return self._launcher.describe(w)
 
     # -- contention ------------------------------------------------------------------------
     @property
@@ -368,11 +347,6 @@ class WorkerPool:
         """The worker whose group holds ``env``."""
         return self._worker_of[env]
 
-    @property
-    def lost(self) -> bool:
-        """Whether a worker was found dead and not yet replaced (``restart_workers``)."""
-        return bool(self._lost)
-
     def split(self, env_ids: Sequence[int]) -> dict[int, list[int]]:
         """``env_ids`` by worker, each worker's in the given order."""
         by_worker: dict[int, list[int]] = {}
@@ -452,24 +426,6 @@ class WorkerPool:
             self._restarting = False
         return replies
 
-    def check_partial(self, restart: bool) -> list[int]:
-        """Look for dead workers while partial entries are in flight: raise
-        :class:`WorkerDiedError`, or with ``restart`` replace them (their envs fresh, reset
-        into the line's slot; :attr:`replaced` holds the resets' replies) and return them."""
-        restart = restart and not self.closing
-        self._check_workers(restart)
-        if not self._lost:
-            return []
-        lost = sorted(self._lost)
-        if not restart:
-            self._worker_died(lost[0])
-        self._replace_lost("step")
-        doorbells, mark = self.doorbells, self.plan.mark
-        for w in lost:  # what was queued for the dead worker is gone: count from here
-            for i in self.groups[w]:
-                self._sent[i] = doorbells.load(mark(i) + S.DONE)
-        return lost
-
     def wait_starting(self, name: str, phase: str) -> list[M.Reply | None]:
         """:meth:`wait` for a command that is part of the start (the space check), bounded by
         ``start_timeout``: a worker that has not answered by then raises
@@ -483,38 +439,6 @@ class WorkerPool:
                     if doorbells.load(line(w) + S.DONE_SEQ) != doorbells.load(line(w) + S.CMD_SEQ)]
             w = min(busy, default=0)
             raise self._launcher.timeout_error(w, phase) from None
-
-    def _survivors_done(self) -> bool:
-        doorbells, line = self.doorbells, self.plan.worker_line
-        return all(doorbells.load(line(w) + S.DONE_SEQ) == doorbells.load(line(w) + S.CMD_SEQ)
-                   for w in range(self.num_workers) if w not in self._lost)
-
-    def recv(self, w: int) -> Any:
-        """The next message from worker ``w``. If it died first, raise WorkerDiedError, or,
-        while ``wait`` collects replies it may restart, mark it lost and return ``None``."""
-        if w == self.remote:
-            return self._pipe(w).recv()  # the parent's group: its reply is already there
-        pipe = self.resources.pipes[w]
-        process = self.resources.processes[w]
-        while True:
-            # a reply is usually there already (its worker marked it sent): poll is one
-            # system call, connection.wait builds a selector
-            ready = ([pipe] if pipe.poll(0)
-                     else connection.wait([pipe, process.sentinel], WAIT_SLICE * 4))
-            if pipe in ready:
-                try:
-                    return pipe.recv()
-                except (EOFError, OSError):
-                    pass
-                break
-            if process.sentinel in ready:
-                if pipe.poll(0):
-                    continue
-                break
-        if not self._restarting:
-            self._worker_died(w)
-        self._mark_lost(w)
-        return None
 
     def _pipe(self, w: int) -> connection.Connection | LocalPipe:
         """The parent's end of group ``w``'s pipe."""
@@ -542,137 +466,6 @@ class WorkerPool:
         """Allocate the scratch slot's pages before a command first writes it (once)."""
         assert self.resources.shm is not None
         self.resources.shm.allocate_tail()
-
-    # -- deaths and restarts ---------------------------------------------------------------
-    def _check_workers(self, restart: bool = False) -> None:
-        for w, process in enumerate(self.resources.processes):
-            if w not in self._lost and has_exited(process):
-                if not restart:
-                    self._worker_died(w)
-                self._mark_lost(w)
-
-    def _mark_lost(self, w: int) -> None:
-        self._lost.add(w)
-        # at once: a survivor may be waiting for the permit before it can finish
-        self._release_permit(w)
-
-    def _death(self, w: int) -> tuple[str, WorkerDiedError]:
-        """Reap worker ``w``, end what its envs started and describe its end:
-        ``(description, error)``; the error says the vector env cannot continue."""
-        process = self.resources.processes[w]
-        # it closed its pipe or sentinel: it is exiting; its group goes before it is reaped
-        if has_exited(process, 0.5):
-            self.resources.kill_group(process)
-        process.join(0.5)  # blocks until the exit that closed the sentinel is complete
-        code = process.exitcode
-        if code is None:
-            how = "closed its pipe"
-        elif code < 0:
-            try:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
-        what = f"{self.describe(w)} {how}"
-        error = WorkerDiedError(
-            f"{what}. The vector env cannot continue; close it and make a new one.",
-            worker=w, env_indices=tuple(self.groups[w]), pid=process.pid, exitcode=code,
-        )
-        return what, error
-
-    def _worker_died(self, w: int) -> None:
-        self.broken = error = self._death(w)[1]
-        self._lost = set()
-        raise error
-
-    def _break(self, error: WorkerDiedError) -> WorkerDiedError:
-        self.broken = error
-        return error
-
-    def _replace_lost(self, name: str) -> None:
-        """Start a new worker for every lost one (``restart_workers=True``).
-
-        The new worker builds fresh envs from ``env_fns`` and resets them (seed ``None``)
-        before it serves. During a step it writes their observations into the step's slot
-        and the step reports them truncated (the caller reads :attr:`replaced`); any other
-        command cannot make up the lost results, so it raises :class:`WorkerDiedError` with
-        ``restarted=True`` once the replacements are up.
-        """
-        res = self.resources
-        lost, self._lost = sorted(self._lost), set()
-        in_step = name == "step"
-        deaths = {w: self._death(w) for w in lost}
-        autoreset = in_step and self.autoreset_mode is AutoresetMode.NEXT_STEP
-        for w in lost:
-            self._release_permit(w)
-            res.pipes[w].close()
-            old = res.processes[w]
-            if old.exitcode is None:  # closed its pipe yet still running: make sure
-                old.kill()
-                has_exited(old, 1.0)
-                res.kill_group(old)
-                old.join(1.0)
-            try:
-                res.processes[w], res.pipes[w] = self._launch(
-                    w, initial_reset=(in_step, autoreset))
-            except Exception as exc:  # cannot fork, say; shutdown joins the old one
-                what, died = deaths[w]
-                raise self._break(WorkerDiedError(
-                    f"{what} during `{name}`, and its replacement could not be started: {exc}",
-                    worker=w, env_indices=died.env_indices, pid=died.pid,
-                    exitcode=died.exitcode)) from exc
-            old.close()
-        self.replaced = []
-        try:  # a replacement that dies breaks the vector env
-            started = self._await_start(lost, replies=True)
-        except WorkerStartTimeoutError as exc:
-            what, died = deaths[exc.worker]
-            raise self._break(WorkerDiedError(
-                f"{what} during `{name}`, and its replacement (pid {exc.pid}) made no progress "
-                f"for {self.start_timeout:g} s while {exc.phase}; pass a larger "
-                "`start_timeout=` if that is expected. The vector env cannot continue; close "
-                "it and make a new one.",
-                worker=exc.worker, env_indices=died.env_indices, pid=died.pid,
-                exitcode=died.exitcode)) from None
-        restarted = []
-        for w in lost:
-            what, died = deaths[w]
-            first, *reply = started[w]
-            if isinstance(first, M.InitError):
-                cause = rebuild(first.error.payload)
-                raise self._break(WorkerDiedError(
-                    f"{what} during `{name}`, and its replacement could not be started: env "
-                    f"{first.error.env} raised {type(cause).__name__}: {cause}. The vector "
-                    "env cannot continue; close it and make a new one.",
-                    worker=w, env_indices=died.env_indices, pid=died.pid,
-                    exitcode=died.exitcode)) from cause
-            self.replaced.append((w, reply[0]))
-            pid = res.processes[w].pid
-            if in_step:
-                logger.warn(f"{what} during `step`; restarted it as pid {pid}. Its envs are "
-                            "fresh (reset with seed None): this step reports them truncated, "
-                            "with info `worker_restarted`.")
-            else:
-                restarted.append(WorkerDiedError(
-                    f"{what} during `{name}`; restarted it as pid {pid} with fresh envs (reset "
-                    f"with seed None). The `{name}` results are lost: call it again (after a "
-                    "`reset`, if you need the new envs' observations).",
-                    worker=w, env_indices=died.env_indices, pid=died.pid,
-                    exitcode=died.exitcode, restarted=True))
-        if not in_step:
-            self.replaced = []
-            raise restarted[0]
-
-    def _release_permit(self, w: int) -> None:
-        """Give back the max_concurrency permit a dead worker held."""
-        line = self.plan.worker_line(w)
-        if self._semaphore is not None and self.doorbells.load(line + S.PERMIT):
-            try:
-                self._semaphore.release()
-            except ValueError:  # it had not taken it after all
-                pass
-        self.doorbells.store(line + S.PERMIT, 0)
 
     # -- teardown --------------------------------------------------------------------------
     def shutdown(self, terminate: bool) -> None:
