@@ -385,6 +385,60 @@ class JitterEnv(gym.Env):
                 end and self.index % 2 == 1, info)
 
 
+class ScalarInfoEnv(JitterEnv):
+    """A :class:`JitterEnv` whose infos are mostly a few scalars of every type an info row
+    holds (see ``fastvec._info_rows``), and sometimes not: empty, a different set of keys, a
+    value of another type, an array. Env 3 lists its keys in another order. The info of
+    each step is :meth:`info_at` of the env's own step count, which survives resets; step
+    number ``fail_at`` raises (after counting) in the envs of ``failing``. A reset with
+    ``options={"quiet": True}`` has an empty info."""
+
+    def __init__(self, index: int = 0, jitter: float = 0.0, failing: tuple[int, ...] = (),
+                 fail_at: int = 0) -> None:
+        super().__init__(index, jitter)
+        self.failing = failing
+        self.fail_at = fail_at
+        self.count = 0
+
+    @staticmethod
+    def info_at(index: int, n: int) -> dict[str, Any]:
+        if n % 7 == 0:
+            return {}
+        if n % 11 == 0:
+            return {"lives": np.int32(n % 4)}
+        info: dict[str, Any] = {
+            "lives": np.int32(3 - n % 4), "frame": 4 * n, "score": n / 3 + index,
+            "flag": np.bool_(n % 2), "ok": n % 3 == 0, "half": np.float16(n / 8),
+            "big": np.uint64(2**63 + n), "small": np.int8(-index), "single": np.float32(n / 7),
+        }
+        if n % 13 == 0:
+            info["frame"] = 4.0 * n  # the same keys, another type
+        if n % 17 == 0:
+            info["arr"] = np.arange(2) * n
+        if index == 3:
+            info = dict(reversed(info.items()))
+        return info
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, _ = super().reset(seed=seed, options=options)
+        if options and options.get("quiet"):
+            return obs, {}
+        return obs, {"start": float(self.pos[0]), "lives": np.int32(3)}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = super().step(action)
+        self.count += 1
+        if self.count == self.fail_at and self.index in self.failing:
+            raise FailError(f"env {self.index} failed at step {self.count}")
+        return obs, reward, terminated, truncated, self.info_at(self.index, self.count)
+
+
+def scalar_info_fns(n: int, **kwargs: Any) -> list:
+    import functools
+
+    return [functools.partial(ScalarInfoEnv, index=i, **kwargs) for i in range(n)]
+
+
 def jitter_fns(n: int, **kwargs: Any) -> list:
     import functools
 

@@ -24,6 +24,7 @@ from gymnasium.vector import AutoresetMode
 
 from fastvec import _messages as M
 from fastvec import _segment as S
+from fastvec._info_rows import InfoRows
 from fastvec._launch import Launcher, envs_label
 from fastvec._local import LocalPipe
 from fastvec._processes import Resources, has_exited
@@ -53,6 +54,7 @@ class WorkerDeaths:
     _semaphore: Semaphore | None
     _sent: list[int]
     _launcher: Launcher
+    info_rows: InfoRows
 
     if TYPE_CHECKING:  # the pool's: (re)starting a worker and its pipe
         def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None
@@ -89,8 +91,8 @@ class WorkerDeaths:
     def recv(self, w: int) -> Any:
         """The next message from worker ``w``. If it died first, raise WorkerDiedError, or,
         while ``wait`` collects replies it may restart, mark it lost and return ``None``."""
-        if w == self.remote:
-            return self._pipe(w).recv()  # the parent's group: its reply is already there
+        if w == self.remote:  # the parent's group: its reply is already there
+            return self._learn(self._pipe(w).recv())
         pipe = self.resources.pipes[w]
         process = self.resources.processes[w]
         while True:
@@ -100,9 +102,11 @@ class WorkerDeaths:
                      else connection.wait([pipe, process.sentinel], WAIT_SLICE * 4))
             if pipe in ready:
                 try:
-                    return pipe.recv()
+                    message = pipe.recv()
                 except (EOFError, OSError):
                     pass
+                else:
+                    return self._learn(message)
                 break
             if process.sentinel in ready:
                 if pipe.poll(0):
@@ -112,6 +116,13 @@ class WorkerDeaths:
             self._worker_died(w)
         self._mark_lost(w)
         return None
+
+    def _learn(self, message: Any) -> Any:
+        """``message``, once the infos of a reply taught the parent their envs' schemas
+        (whether or not the caller uses them: the worker learned them when it sent them)."""
+        if type(message) is M.Reply and message.infos:
+            self.info_rows.learn(message.infos)
+        return message
 
     def check_partial(self, restart: bool) -> list[int]:
         """Look for dead workers while partial entries are in flight: raise
@@ -209,6 +220,7 @@ class WorkerDeaths:
                 has_exited(old, 1.0)
                 res.kill_group(old)
                 old.join(1.0)
+            self.info_rows.forget(self.groups[w])  # the replacement knows no schema yet
             try:
                 res.processes[w], res.pipes[w] = self._launch(
                     w, initial_reset=(in_step, autoreset))

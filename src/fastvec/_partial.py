@@ -309,8 +309,11 @@ class PartialBatches:
         rewards, terminations, truncations = (a[ids] for a in self.pool.results)
         infos: dict[str, Any] = {}
         rows = _Rows(len(ids))
+        info_rows = self.pool.info_rows if self.pool.info_rows.learned else None
         for k, i in enumerate(ids):
             info = self.infos.pop(i, None)
+            if info is None and info_rows is not None:  # a few scalars, in the env's row
+                info = info_rows.read(i)
             restarted = self.restarted.pop(i, None)
             if restarted is not None:  # a reset it was sent for is not cut short
                 rewards[k], terminations[k] = 0.0, False

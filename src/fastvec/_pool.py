@@ -32,6 +32,7 @@ from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._deaths import RESTARTABLE, WorkerDeaths
+from fastvec._info_rows import InfoRows
 from fastvec._kernels import Segment
 from fastvec._launch import Launcher
 from fastvec._load import Contention, MachineLoad
@@ -118,6 +119,7 @@ class WorkerPool(WorkerDeaths):
         res.segment = Segment(buffer)
         plan.bind(res.segment, buffer)
         res.results = plan.result_arrays(buffer)
+        res.info_rows = self.info_rows = InfoRows(buffer, plan.info_rows, 0, plan.num_envs)
         self._pending = plan.parent_line + S.PENDING
         self._completed = plan.parent_line + S.COMPLETED
         self._spin_word = plan.parent_line + S.SPIN

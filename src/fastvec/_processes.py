@@ -21,6 +21,7 @@ import numpy as np
 
 from fastvec import _memory
 from fastvec import _segment as S
+from fastvec._info_rows import InfoRows
 from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
 
@@ -115,6 +116,7 @@ class Resources:
         self.segment: Segment | None = None
         self.plan: S.SegmentPlan | None = None
         self.results: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.info_rows: InfoRows | None = None
         self.processes: list[BaseProcess] = []
         self.pipes: list[connection.Connection] = []
         # each worker's start time, read at launch: with its pid, names it for good
@@ -164,6 +166,9 @@ class Resources:
         if self.plan is not None:
             self.plan.unbind()
         self.results = None
+        if self.info_rows is not None:
+            self.info_rows.release()
+            self.info_rows = None
         if self.segment is not None:
             self.segment.release()
             self.segment = None

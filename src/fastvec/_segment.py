@@ -3,8 +3,9 @@
 From the start: a header (magic, layout version, sizes and a digest of the whole geometry,
 checked by a worker before any use), one control line per worker and one for the parent
 (the words below), the actions (one row per env and leaf), the step results (rewards,
-terminations, truncations), each worker's command queue, the per-env completion marks and
-the observation slots (each a whole batch). Every region is 64-byte aligned.
+terminations, truncations), each worker's command queue, the per-env completion marks, the
+per-env info rows (``_info_rows.py``) and the observation slots (each a whole batch). Every
+region is 64-byte aligned.
 
 A worker's command queue is a ring of :data:`ENTRY` records (command, slot, first, count)
 and a ring of env ids, both ``queue_capacity`` long (a power of two at least the
@@ -29,11 +30,12 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.error import CustomSpaceError
 
+from fastvec._info_rows import ROW as INFO_ROW
 from fastvec._kernels import Segment
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 # magic, layout version, num_envs, num_workers, layout digest, total bytes
 HEADER = struct.Struct("<QIIIIQ")
 
@@ -124,6 +126,9 @@ class SegmentPlan:
         self.queues = cursor
         self.marks = cursor + num_workers * self.queue_bytes
         cursor = self.marks + align(MARK * num_envs)
+        # each env's info row: a step's info of a few scalars (see _info_rows.py)
+        self.info_rows = cursor
+        cursor += INFO_ROW * num_envs
         # One full observation batch per slot; observations travel through the pipe if empty.
         # The slots come last, so the last one (a rarely used scratch slot) ends the segment
         # and its pages can be allocated only once it is needed.
@@ -139,8 +144,8 @@ class SegmentPlan:
         geometry: list[tuple[Any, ...]] = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
                     for layout in (self.actions, *self.observation_slots)
                     if layout is not None for leaf in layout.leaves]
-        geometry.append((self.queues, self.queue_capacity, self.marks, self.rewards,
-                         self.terminations, self.truncations, self.nbytes))
+        geometry.append((self.queues, self.queue_capacity, self.marks, self.info_rows,
+                         self.rewards, self.terminations, self.truncations, self.nbytes))
         self.digest = zlib.crc32(repr(geometry).encode())
 
     def bind(self, segment: Segment, buffer: memoryview) -> None:

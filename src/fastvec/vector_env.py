@@ -578,7 +578,8 @@ class AsyncVectorEnv(EnvCalls, VectorEnv):
         the step may take longer than ``timeout``: each step of the replacement's start is
         bounded by ``start_timeout`` instead.
         """
-        infos, errors = self._collect(AsyncState.WAITING_STEP, "step_async", timeout)
+        infos, errors = self._collect(AsyncState.WAITING_STEP, "step_async", timeout,
+                                      rows=True)
         replaced, self._pool.replaced = self._pool.replaced, []
         if replaced:
             infos = self._report_replaced(replaced, infos, errors)
@@ -587,30 +588,38 @@ class AsyncVectorEnv(EnvCalls, VectorEnv):
         return (self._observations(), rewards.copy(), terminations.copy(),
                 truncations.copy(), infos)
 
-    def _collect(self, state: AsyncState, started_by: str, timeout: float | None
-                 ) -> tuple[dict[str, Any], list[EnvError]]:
-        """Wait for the pending reset or step (``state``) and merge its replies."""
+    def _collect(self, state: AsyncState, started_by: str, timeout: float | None,
+                 rows: bool = False) -> tuple[dict[str, Any], list[EnvError]]:
+        """Wait for the pending reset or step (``state``) and merge its replies (``rows``:
+        and the infos the step wrote into the envs' info rows)."""
         self._assert_is_running()
         name = state.value
         self._assert_pending(state, f"{name}_wait", started_by)
         replies = self._wait(timeout, name)
         self._state = AsyncState.DEFAULT
         self._partial.last_ids = None
-        return self._merge_replies(replies)
+        return self._merge_replies(replies, rows)
 
-    def _merge_replies(self, replies: Sequence[M.Reply | None]
+    def _merge_replies(self, replies: Sequence[M.Reply | None], rows: bool = False
                        ) -> tuple[dict[str, Any], list[EnvError]]:
-        """Batch the infos of a reset or step's replies (in env order), collect their errors
-        and keep the observations that came by pipe."""
-        infos: dict[str, Any] = {}
+        """Batch the infos of a reset or step's replies and, with ``rows``, of the envs'
+        info rows (in env order), collect the errors and keep the observations that came by
+        pipe."""
         errors: list[EnvError] = []
+        per_env: list[tuple[int, Any]] = []
         for reply in replies:
             if reply is None:  # nothing to report: the common step
                 continue
-            for i, info in reply.infos:
-                infos = self._add_info(infos, M.as_dict(info), i)
+            per_env.extend(reply.infos)
             errors.extend(reply.errors)
             self._store_pipe_obs(reply.observations)
+        info_rows = self._pool.info_rows
+        if rows and info_rows.learned:
+            per_env.extend((i, info_rows.read(i)) for i in info_rows.set_rows())
+            per_env.sort(key=_first)
+        infos: dict[str, Any] = {}
+        for i, info in per_env:
+            infos = self._add_info(infos, M.as_dict(info), i)
         return infos, errors
 
     def _report_replaced(self, replaced: list[tuple[int, M.Reply]], infos: dict[str, Any],
@@ -733,6 +742,10 @@ _UNREGISTERED_HINT = (
     "made only in the parent: use `fastvec.make_vec(id, ...)` (it sends the EnvSpec), "
     "register the env in a module that the env function imports, or use context='fork'."
 )
+
+
+def _first(pair: tuple[int, Any]) -> int:
+    return pair[0]
 
 
 def _add_note(exc: BaseException, note: str) -> None:

@@ -33,6 +33,7 @@ from gymnasium.vector import AutoresetMode
 from fastvec import _kernels, _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
+from fastvec._info_rows import InfoRows
 from fastvec._kernels import Segment
 from fastvec._remote_errors import NOT_RETURNED, EnvError, NotADictError, capture, env_error
 from fastvec._sync import Doorbells, kill_group_on_parent_death, unlink_on_parent_death
@@ -101,6 +102,8 @@ class Worker:
         self.segment = Segment(buffer)
         plan.bind(self.segment, buffer)
         self.rewards, self.terminations, self.truncations = plan.result_arrays(buffer)
+        # the group's info rows (sized to the last env: the group's size is not known yet)
+        self.rows = InfoRows(buffer, plan.info_rows, start, plan.num_envs - start)
         self.envs: list[Env[Any, Any]] = []
         self.autoreset: list[bool] = []
         self.last_obs: list[Any] = []
@@ -114,6 +117,7 @@ class Worker:
     def detach(self) -> None:
         """Drop every view into the buffer (the caller then unmaps it)."""
         self.plan.unbind()
+        self.rows.release()
         del self.rewards, self.terminations, self.truncations
         self.segment.release()
         self.doorbells.release()
@@ -197,8 +201,13 @@ class Worker:
             doorbells.store(self.line + S.DONE_SEQ, seq)
         if reply and not partial:  # a partial entry's envs sent theirs as each finished
             # sent after the counter so a large reply can never deadlock the parent's wait
-            self.pipe.send_bytes(picklable_reply(reply, self.start))
+            self.pipe.send_bytes(self.pickle_reply(reply))
         return isinstance(request, M.Close)
+
+    def pickle_reply(self, reply: M.Reply) -> bytes:
+        """``reply`` pickled for the parent; the infos it carries teach this side their
+        envs' schemas, as they will teach the parent's when it unpickles them."""
+        return picklable_reply(reply, self.start, self.rows.learn)
 
     def signal(self) -> None:
         """Count one more completion and wake the parent if it sleeps on the count and the
@@ -224,7 +233,7 @@ class Worker:
         if not _entries(reply):
             self.mark_done(env, False)
             return
-        data = picklable_reply(reply, self.start)  # type: ignore[arg-type]
+        data = self.pickle_reply(reply)  # type: ignore[arg-type]
         # marked before it is sent, so that a reply larger than the pipe's buffer cannot
         # block this worker while the parent waits for the mark; counted again once sent,
         # which wakes a parent that saw the mark before the bytes arrived
@@ -262,6 +271,7 @@ class Worker:
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         autoreset = self.autoreset
         last_obs = self.last_obs
+        rows = self.rows
         start, ids = self.start, self.ids
         partial = ids is not None
         order: Any = enumerate(self.envs)  # (group index, env)
@@ -313,14 +323,20 @@ class Worker:
                 if type(info) is not dict and not isinstance(info, Mapping):
                     raise NotADictError(info)
             except Exception as exc:
+                if rows.learned:
+                    rows.clear(i)
                 if reply is None:
                     reply = M.Reply()
                 reply.errors.append(env_error(exc, i, result))
             else:
                 if info:
-                    if reply is None:
-                        reply = M.Reply()
-                    reply.infos.append((i, info))
+                    # a few scalars whose schema the parent knows go into the env's row
+                    if not rows.learned or not rows.write(i, info):
+                        if reply is None:
+                            reply = M.Reply()
+                        reply.infos.append((i, info))
+                elif rows.learned:
+                    rows.clear(i)
             if partial:
                 self.finish_env(i, reply)
                 reply = None
@@ -340,6 +356,7 @@ class Worker:
             env = self.envs[j]
             # which env a start-up reset was on, should it hang there (see worker_main)
             self.doorbells.store(self.line + S.STATUS_ENV, i)
+            self.rows.clear(i)  # a reset's info goes by pipe
             if mask is not None and not mask[k]:
                 # an env left alone keeps its observation, whichever slot this reset writes
                 if observations is None:
@@ -440,13 +457,19 @@ def _check_spaces(env: Env[Any, Any], request: M.CheckSpaces) -> tuple[bool, boo
 
 
 # -- replies that do not pickle ---------------------------------------------------------------
-def picklable_reply(reply: M.Reply, start: int) -> bytes:
+def picklable_reply(reply: M.Reply, start: int,
+                    learn: Callable[[list[tuple[int, Mapping[str, Any]]]], None] | None = None
+                    ) -> bytes:
     """Pickle ``reply`` (of the group starting at env ``start``) for the parent; what does
-    not pickle becomes an error of its env."""
+    not pickle becomes an error of its env. ``learn`` is given the infos sent."""
     try:
-        return bytes(ForkingPickler.dumps(reply))
+        data = bytes(ForkingPickler.dumps(reply))
     except Exception:
         pass
+    else:
+        if learn is not None and reply.infos:
+            learn(reply.infos)
+        return data
     errors = list(reply.errors)
     infos = _keep_picklable(reply.infos, errors, "info")
     observations = _keep_picklable(reply.observations, errors, "observation")
@@ -455,7 +478,10 @@ def picklable_reply(reply: M.Reply, start: int) -> bytes:
         kept = dict(_keep_picklable(list(enumerate(results, start)), errors, "result"))
         results = [kept.get(start + j) for j in range(len(results))]
     errors.sort(key=lambda error: error.env)
-    return bytes(ForkingPickler.dumps(M.Reply(results, infos, errors, observations)))
+    data = bytes(ForkingPickler.dumps(M.Reply(results, infos, errors, observations)))
+    if learn is not None and infos:
+        learn(infos)
+    return data
 
 
 def _keep_picklable(entries: list[tuple[int, Any]], errors: list[EnvError], what: str
@@ -639,5 +665,5 @@ def build_envs(worker: Worker, env_fns: list[Callable[[], Env[Any, Any]]],
     worker.phase(S.STATUS_READY)
     worker.pipe.send(M.Ready())
     if reply is not None:
-        worker.pipe.send_bytes(picklable_reply(reply, start))
+        worker.pipe.send_bytes(worker.pickle_reply(reply))
     return seq
