@@ -34,8 +34,17 @@ SEGMENT_PREFIX = "fastvec_"
 CHILD_GRACE_SECONDS = 2.0
 
 
+#: test modules that start a Ray driver in the test process: they run last
+RAY_DRIVER_MODULES = ("test_ray.py", "test_rllib.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Stress tests are long: they run only when asked for, with ``-m stress``."""
+    """Ray's tests run last: ``ray.init`` leaves threads and at-fork state in the test
+    process (gRPC's among them), and a process forked after it is not the clean fork a
+    worker expects (a fork-started worker died of SIGSEGV at start once, in the first test
+    module after Ray's). Stress tests are long: they run only when asked for, with
+    ``-m stress``."""
+    items.sort(key=lambda item: item.path.name in RAY_DRIVER_MODULES)  # stable
     if "stress" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="stress test: run it with `-m stress`")
