@@ -30,10 +30,13 @@ def max_concurrency(value: int | None) -> int | None:
 
 def env_ids(value: Any, num_envs: int) -> list[int]:
     """``env_ids`` as ints; unknown, repeated and non-int ids raise ``ValueError``."""
-    ids = np.asarray(value)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {value!r}")
-    out = [int(i) for i in ids]
+    if type(value) is np.ndarray and value.ndim == 1 and value.dtype.kind in "iu":
+        out: list[int] = value.tolist()  # the common case: a recv's infos["env_id"]
+    else:
+        ids = np.asarray(value)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"`env_ids` must be a 1-d sequence of ints, got {value!r}")
+        out = [int(i) for i in ids]
     bad = [i for i in out if not 0 <= i < num_envs]
     if bad:
         raise ValueError(f"`env_ids` holds unknown env ids {bad}: this vector env has "

@@ -306,7 +306,10 @@ class PartialBatches:
 
     # -- the batch -------------------------------------------------------------------------
     def _batch(self, ids: list[int]) -> tuple[Any, ...]:
-        rewards, terminations, truncations = (a[ids] for a in self.pool.results)
+        index = np.array(ids, dtype=np.int64)  # one conversion for every fancy index
+        all_rewards, all_terminations, all_truncations = self.pool.results
+        rewards, terminations = all_rewards[index], all_terminations[index]
+        truncations = all_truncations[index]
         infos: dict[str, Any] = {}
         rows = _Rows(len(ids))
         info_rows = self.pool.info_rows if self.pool.info_rows.learned else None
@@ -322,25 +325,26 @@ class PartialBatches:
             self.resetting.discard(i)
             if info:
                 infos = rows._add_info(infos, info, k)  # type: ignore[misc]
-        infos["env_id"] = np.array(ids, dtype=np.int64)
-        return self._observations(ids), rewards, terminations, truncations, infos
+        infos["env_id"] = index
+        return self._observations(ids, index), rewards, terminations, truncations, infos
 
-    def _observations(self, ids: list[int]) -> Any:
+    def _observations(self, ids: list[int], index: np.ndarray) -> Any:
         layout = self._layout()
         space = self.single_observation_space
         if layout is None:
             out: Any = create_empty_array(space, n=len(ids), fn=np.zeros)
             return concatenate(space, [self.pipe_obs[i] for i in ids], out)
-        return take_rows(space, layout.read_batch(copy=False), ids)
+        return take_rows(space, layout.read_batch(copy=False), ids, index)
 
 
-def take_rows(space: Space[Any], batch: Any, ids: list[int]) -> Any:
-    """Copies of rows ``ids`` of a batch read from the segment, shaped as the batch is: arrays
-    fancy-indexed per leaf, Dict and Tuple by part, any other space's tuple of rows by row."""
+def take_rows(space: Space[Any], batch: Any, ids: list[int], index: np.ndarray) -> Any:
+    """Copies of rows ``ids`` (``index``: the same, as an array) of a batch read from the
+    segment, shaped as the batch is: arrays fancy-indexed per leaf, Dict and Tuple by part,
+    any other space's tuple of rows by row."""
     if isinstance(batch, np.ndarray):
-        return batch[ids]
+        return batch[index]
     if isinstance(space, spaces.Dict):
-        return {key: take_rows(space[key], batch[key], ids) for key in space}
+        return {key: take_rows(space[key], batch[key], ids, index) for key in space}
     if isinstance(space, spaces.Tuple):
-        return tuple(take_rows(part, batch[n], ids) for n, part in enumerate(space))
+        return tuple(take_rows(part, batch[n], ids, index) for n, part in enumerate(space))
     return tuple(batch[i] for i in ids)
