@@ -363,6 +363,8 @@ def test_placement_options(cluster: Any) -> None:
         RayVectorEnv(space_fns(3), num_nodes=3, start_timeout=2)
     with pytest.raises(ValueError, match="at most one"):
         RayVectorEnv(space_fns(3), num_nodes=2, num_actors=2)
+    with pytest.raises(ValueError, match=r"^fastvec\.ray\.RayVectorEnv does not run a custom"):
+        RayVectorEnv(space_fns(3), worker=lambda *args: None)
 
 
 # -- faults ------------------------------------------------------------------------------------

@@ -592,7 +592,7 @@ def test_custom_worker_is_rejected():
     def worker(*args):  # pragma: no cover - never runs
         pass
 
-    with pytest.raises(ValueError, match="worker"):
+    with pytest.raises(ValueError, match=r"^fastvec\.AsyncVectorEnv does not run a custom"):
         fastvec.AsyncVectorEnv(box_fns(), worker=worker)
 
 

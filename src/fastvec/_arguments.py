@@ -73,10 +73,11 @@ def start_timeout(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def no_custom_worker(worker: Callable[..., None] | None) -> None:
+def no_custom_worker(worker: Callable[..., None] | None,
+                     owner: str = "fastvec.AsyncVectorEnv") -> None:
     if worker is not None:
         raise ValueError(
-            "fastvec.AsyncVectorEnv does not run a custom `worker`: its workers step "
+            f"{owner} does not run a custom `worker`: its workers step "
             "groups of sub-environments through shared memory, which Gymnasium's per-env "
             "pipe worker protocol cannot drive. Use gymnasium.vector.AsyncVectorEnv for a "
             "custom worker."
@@ -167,13 +168,14 @@ class Common(NamedTuple):
 
 
 def common(mode: str | AutoresetMode, concurrency: int | None, timeout: float | None,
-           worker: Callable[..., None] | None) -> Common:
+           worker: Callable[..., None] | None, owner: str = "fastvec.AsyncVectorEnv"
+           ) -> Common:
     """``autoreset_mode``, ``max_concurrency``, ``start_timeout`` and ``worker`` (which must
-    be None) of :class:`fastvec.AsyncVectorEnv` and :class:`fastvec.ray.RayVectorEnv`,
-    checked in that order."""
+    be None) of :class:`fastvec.AsyncVectorEnv` and :class:`fastvec.ray.RayVectorEnv`
+    (``owner``: the class named in the errors), checked in that order."""
     checked = Common(autoreset_mode(mode), max_concurrency(concurrency),
                      start_timeout(timeout))
-    no_custom_worker(worker)
+    no_custom_worker(worker, owner)
     return checked
 
 

@@ -133,7 +133,7 @@ class RayVectorEnv(VectorEnv):
         self.context, self.daemon = context, daemon
         self.observation_mode = observation_mode
         self.autoreset_mode, self.max_concurrency, self.start_timeout = A.common(
-            autoreset_mode, max_concurrency, start_timeout, worker)
+            autoreset_mode, max_concurrency, start_timeout, worker, "fastvec.ray.RayVectorEnv")
         self.restart_workers = bool(restart_workers)
         self.num_envs = A.num_envs(env_fns)
         self.batch_size = A.batch_size(batch_size, self.num_envs)
