@@ -37,6 +37,7 @@ __all__ = ["MAX_VALUES", "ROW", "InfoRows", "Schema", "schema_of"]
 ROW = 128
 MAX_VALUES = ROW // 8 - 1
 _VALUES = 8  # offset of the values in a row
+_WORDS = ROW // 8  # a row's length in state words: env j's state is word j * _WORDS
 
 # a value's type -> its struct code and what turns the unpacked Python value back into it
 _CODES: dict[type, tuple[str, Callable[[Any], Any] | None]] = {
@@ -134,7 +135,7 @@ class InfoRows:
             if self._schemas[j] is not None:
                 self._schemas[j] = None
                 self.learned -= 1
-            words[j * (ROW // 8)] = 0
+            words[j * _WORDS] = 0
 
     # -- a worker --------------------------------------------------------------------------
     def write(self, env: int, info: Mapping[str, Any]) -> bool:
@@ -151,16 +152,16 @@ class InfoRows:
             except struct.error:  # an int beyond int64, say
                 pass
             else:
-                words[j * (ROW // 8)] = 1
+                words[j * _WORDS] = 1
                 return True
-        words[j * (ROW // 8)] = 0
+        words[j * _WORDS] = 0
         return False
 
     def clear(self, env: int) -> None:
         """This step's info of ``env`` is not in its row."""
         words = self._words
         assert words is not None
-        words[(env - self.first) * (ROW // 8)] = 0
+        words[(env - self.first) * _WORDS] = 0
 
     # -- the parent ------------------------------------------------------------------------
     def read(self, env: int) -> dict[str, Any] | None:
@@ -169,7 +170,7 @@ class InfoRows:
         j = env - self.first
         words = self._words
         assert words is not None
-        if not words[j * (ROW // 8)]:
+        if not words[j * _WORDS]:
             return None
         schema = self._schemas[j]
         assert schema is not None, f"env {env}'s info row is set, but no schema was learned"
@@ -181,5 +182,4 @@ class InfoRows:
         words = self._words
         if not self.learned or words is None:
             return []
-        step = ROW // 8
-        return [self.first + j for j in range(len(self._schemas)) if words[j * step]]
+        return [self.first + j for j in range(len(self._schemas)) if words[j * _WORDS]]

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from enum import Enum
+from operator import itemgetter
 from typing import Any, Literal
 
 import gymnasium
@@ -616,7 +617,7 @@ class AsyncVectorEnv(EnvCalls, VectorEnv):
         info_rows = self._pool.info_rows
         if rows and info_rows.learned:
             per_env.extend((i, info_rows.read(i)) for i in info_rows.set_rows())
-            per_env.sort(key=_first)
+            per_env.sort(key=itemgetter(0))
         infos: dict[str, Any] = {}
         for i, info in per_env:
             infos = self._add_info(infos, M.as_dict(info), i)
@@ -742,10 +743,6 @@ _UNREGISTERED_HINT = (
     "made only in the parent: use `fastvec.make_vec(id, ...)` (it sends the EnvSpec), "
     "register the env in a module that the env function imports, or use context='fork'."
 )
-
-
-def _first(pair: tuple[int, Any]) -> int:
-    return pair[0]
 
 
 def _add_note(exc: BaseException, note: str) -> None:
