@@ -113,6 +113,22 @@ def test_bound_is_cores_times_the_overhead_free_one_core_loop():
     assert setup.bound(2) == pytest.approx(2 * one_core)
 
 
+def test_double_buffered_bound_is_held_by_the_single_threaded_policy():
+    def setup(half: float | None) -> PolicySetup:
+        return PolicySetup(MLPPolicy(4, 2, 0), num_envs=16, env_step_seconds=1e-3,
+                           policy_seconds=16e-3, cpu_per_wall=1.0, blas="test",
+                           half_policy_seconds=half)
+
+    assert setup(None).double_buffered_bound(2) is None
+    # half the rows at half the cost: the cores' share of the work bounds it, as bound()
+    assert setup(8e-3).double_buffered_bound(2) == pytest.approx(setup(8e-3).bound(2))
+    # at 0.65 of the cost the policy alone takes 20.8 ms per 16 steps, more than the
+    # (20.8 + 16) / 2 ms the two cores would need for all the work
+    assert setup(10.4e-3).double_buffered_bound(2) == pytest.approx(16 / 20.8e-3)
+    assert setup(10.4e-3).double_buffered_bound(4) == pytest.approx(16 / 20.8e-3)
+    assert setup(10.4e-3).double_buffered_bound(1) == pytest.approx(16 / 36.8e-3)
+
+
 @pytest.mark.skipif(blas_threads() is None, reason="numpy's BLAS is not OpenBLAS")
 def test_single_blas_thread_without_threadpoolctl_sets_openblas_itself(monkeypatch):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import threadpoolctl raises

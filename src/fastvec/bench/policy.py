@@ -215,10 +215,15 @@ class PolicySetup:
         """The bound of a double-buffered loop: it runs the policy twice per ``num_envs``
         env steps, on half the rows each time, and a forward pass over half the rows costs
         more than half of one over all of them (BLAS's per-call work), so this is lower
-        than :meth:`bound`."""
+        than :meth:`bound`.
+
+        The policy is one thread: the loop needs at least ``2 * half_policy_seconds`` of
+        wall time per ``num_envs`` env steps however many cores the envs get, so when that
+        exceeds the whole work spread over the cores, it is the bound."""
         if self.half_policy_seconds is None:
             return None
-        return self.num_envs * cores / (2 * self.half_policy_seconds + self.env_batch_seconds)
+        policy = 2 * self.half_policy_seconds
+        return self.num_envs / max(policy, (policy + self.env_batch_seconds) / cores)
 
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy.describe(), "depth": self.policy.depth,
