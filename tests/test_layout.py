@@ -309,6 +309,49 @@ def test_write_batch_round_trip(n: int, space: Space) -> None:
             assert_equivalent(layout.read_row(env), _normalise_row(space, row))
 
 
+@pytest.mark.parametrize("n", BATCH_SIZES)
+@PROPERTY_SETTINGS
+@given(space=seeded_spaces(), data=st.data())
+def test_write_rows_writes_each_row_where_write_row_would(n: int, space: Space,
+                                                          data: st.DataObject) -> None:
+    ids = data.draw(st.permutations(range(n)).flatmap(
+        lambda order: st.integers(1, n).map(lambda k: list(order[:k]))))
+    batched = batch_space(space, len(ids))
+    batch, filler = batched.sample(), batch_space(space, n).sample()
+    with bound_layout(space, n, check_range=False, path="actions") as (layout, _), \
+            bound_layout(space, n, check_range=False, path="actions") as (reference, _):
+        layout.write_batch(filler)
+        reference.write_batch(filler)
+        layout.write_rows(batch, ids)
+        for k, row in enumerate(iterate(batched, batch)):
+            reference.write_row(row, ids[k])
+        assert_equivalent(layout.read_batch(), reference.read_batch())
+        # plain lists take the converting path to the same rows
+        if not contains_kind(space, (Text, OneOf)):
+            layout.write_batch(filler)
+            layout.write_rows(as_plain_python(batched, batch), ids)
+            assert_equivalent(layout.read_batch(), reference.read_batch())
+
+
+def test_write_rows_checks_ids_and_writes_nothing_it_refuses() -> None:
+    space = Dict([("move", Box(-1, 1, (2,), np.float32)), ("jump", Discrete(2))])
+    with bound_layout(space, 4, check_range=False, path="actions") as (layout, shm):
+        layout.write_batch({"move": np.ones((4, 2), np.float32), "jump": np.ones(4, np.int64)})
+        before = segment_bytes(shm)
+        with pytest.raises(IndexError):
+            layout.write_rows({"move": np.zeros((1, 2), np.float32),
+                               "jump": np.zeros(1, np.int64)}, [4])
+        with pytest.raises(ValueError, match=re.escape('actions["jump"]:')):
+            layout.write_rows({"move": np.zeros((2, 2), np.float32),
+                               "jump": np.zeros(3, np.int64)}, [3, 1])
+        assert segment_bytes(shm) == before
+        layout.write_rows({"move": np.full((2, 2), 0.5, np.float32),
+                           "jump": np.zeros(2, np.int64)}, [3, 1])
+        batch = layout.read_batch()
+        np.testing.assert_array_equal(batch["jump"], [1, 0, 1, 0])
+        np.testing.assert_array_equal(batch["move"][:, 0], [1, 0.5, 1, 0.5])
+
+
 def test_dict_key_order_is_the_space_order() -> None:
     space = Dict([("z", Discrete(3)), ("a", Box(0, 1, (2,))), ("m", Text(3))], seed=1)
     sample = space.sample()

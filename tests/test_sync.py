@@ -361,6 +361,44 @@ def test_wait_releases_gil(bells: Doorbells) -> None:
     assert not th.is_alive()
 
 
+@pytest.mark.skipif(not HAVE_FUTEX, reason="a polling wait sees every change")
+def test_count_and_wake_wakes_once_the_target_is_reached(bells: Doorbells) -> None:
+    counter, waiting, target = 0, 4, 8
+    bells.store(waiting, 1)
+    bells.store(target, 3)
+    woke: list[float] = []
+
+    def wait() -> None:
+        bells.wait_while_equal(counter, 0, timeout=5.0, spin=0.0)
+        woke.append(time.monotonic())
+
+    th = threading.Thread(target=wait)
+    th.start()
+    try:
+        time.sleep(0.05)
+        assert bells.count_and_wake(counter, waiting, target) == 1
+        assert bells.count_and_wake(counter, waiting, target) == 2
+        time.sleep(0.1)
+        assert not woke  # below the target: counted, nobody woken
+        rang = time.monotonic()
+        assert bells.count_and_wake(counter, waiting, target) == 3
+        th.join(5.0)
+        assert woke and woke[0] - rang < 2.0
+    finally:
+        th.join(5.0)
+    assert not th.is_alive()
+
+
+def test_count_and_wake_counts_modulo_2_32(bells: Doorbells) -> None:
+    counter, waiting, target = 0, 4, 8
+    bells.store(counter, 0xFFFFFFFF)
+    bells.store(target, 1)  # two past the counter, across the wrap
+    assert bells.count_and_wake(counter, waiting, target) == 0  # nobody waiting: no wake
+    bells.store(waiting, 1)
+    assert bells.count_and_wake(counter, waiting, target) == 1
+    assert bells.load(counter) == 1
+
+
 def test_release_refused_during_wait(bells: Doorbells) -> None:
     results: list[int] = []
     th = threading.Thread(target=lambda: results.append(bells.wait_while_equal(0, 0, timeout=5.0)))

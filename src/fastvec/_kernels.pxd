@@ -25,6 +25,7 @@ cdef struct Item:
     int64_t scalar
     int is_scalar
     int32_t *codes      # owned (malloc) for Text items, else NULL
+    char *src           # a row inside another item's buffer (write_rows), else NULL
 
 
 cdef struct ItemList:
@@ -60,8 +61,8 @@ cdef class Node:
     cdef public object batch_view
 
     cdef int gather_row(self, Segment segment, object value, Py_ssize_t env, ItemList *items) except -1
-    cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n, ItemList *items) except -1
-    cdef int gather_children(self, Segment segment, object value, Py_ssize_t at, ItemList *items, bint batch) except -1
+    cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n, const Py_ssize_t *rows, ItemList *items) except -1
+    cdef int gather_children(self, Segment segment, object value, Py_ssize_t at, const Py_ssize_t *rows, ItemList *items, bint batch) except -1
     cdef object read_row(self, Py_ssize_t env, bint copy)
     cdef object read_batch(self, bint copy)
     cdef str decode_text(self, Py_ssize_t env)

@@ -104,6 +104,8 @@ cdef int items_copy(Segment segment, ItemList *items) except -1:
             item = &items.items[i]
             if item.is_scalar:
                 memcpy(item.dst, &item.scalar, item.nbytes)
+            elif item.src != NULL:
+                memcpy(item.dst, item.src, item.nbytes)
             elif item.codes != NULL:
                 memcpy(item.dst, item.codes, item.nbytes)
             else:
@@ -210,7 +212,7 @@ cdef class Node:
             store_integer(item, number)
             return 1
         if self.kind == KIND_TUPLE or self.kind == KIND_DICT:
-            return self.gather_children(segment, value, env, items, False)
+            return self.gather_children(segment, value, env, NULL, items, False)
         if self.kind == KIND_TEXT:
             if not PyUnicode_CheckExact(value):
                 return 0
@@ -245,26 +247,40 @@ cdef class Node:
             return child.gather_row(segment, (<tuple> value)[1], env, items)
         return 0
 
-    cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n, ItemList *items) except -1:
+    cdef int gather_batch(self, Segment segment, object value, Py_ssize_t n,
+                          const Py_ssize_t *rows, ItemList *items) except -1:
+        """A batch of ``n`` envs: rows ``0 .. n-1``, or with ``rows`` row ``k`` of the value
+        into env ``rows[k]``'s row."""
         cdef Item *item
-        cdef Node child
+        cdef char *src
         cdef Py_ssize_t i
-        cdef PyObject *entry
         if self.kind == KIND_ARRAY or self.kind == KIND_DISCRETE:
-            item = items_push(items, segment.base + self.offset, n * self.stride)
-            return gather_buffer(value, item, self.format, n, self.cshape, self.ndim, n * self.stride)
+            # contiguous: one copy; else this item only pins the buffer, one item per row
+            item = items_push(items, segment.base + self.offset,
+                              n * self.stride if rows == NULL else 0)
+            if not gather_buffer(value, item, self.format, n, self.cshape, self.ndim,
+                                 n * self.stride):
+                return 0
+            if rows != NULL:
+                src = <char *> item.buffer.buf  # read before a push may move the items
+                for i in range(n):
+                    item = items_push(items, segment.base + self.offset + rows[i] * self.stride,
+                                      self.stride)
+                    item.src = src + i * self.stride
+            return 1
         if self.kind == KIND_TUPLE or self.kind == KIND_DICT:
-            return self.gather_children(segment, value, n, items, True)
+            return self.gather_children(segment, value, n, rows, items, True)
         # Text and OneOf batch as a tuple of per-env samples, as gymnasium's batch_space does.
         if not isinstance(value, tuple) or len(<tuple> value) != n:
             return 0
         for i in range(n):
-            if not self.gather_row(segment, (<tuple> value)[i], i, items):
+            if not self.gather_row(segment, (<tuple> value)[i], i if rows == NULL else rows[i],
+                                   items):
                 return 0
         return 1
 
     cdef int gather_children(self, Segment segment, object value, Py_ssize_t at,
-                             ItemList *items, bint batch) except -1:
+                             const Py_ssize_t *rows, ItemList *items, bint batch) except -1:
         """A Tuple or Dict node: gather each child's part, as a row of env ``at`` or as a
         batch of ``at`` envs; 0 if ``value`` is not exactly a tuple or dict of its children."""
         cdef Node child
@@ -286,7 +302,7 @@ cdef class Node:
                     return 0
                 part = <object> entry
             child = <Node> self.children[i]
-            ok = (child.gather_batch(segment, part, at, items) if batch
+            ok = (child.gather_batch(segment, part, at, rows, items) if batch
                   else child.gather_row(segment, part, at, items))
             if not ok:
                 return 0
@@ -340,16 +356,18 @@ cdef class Node:
         return tuple([self.read_row(i, copy) for i in range(n)])
 
 
-cdef bint write(Segment segment, Node node, object value, Py_ssize_t at, bint batch) except -1:
-    """Gather every leaf of ``value`` (a row of env ``at``, or a batch of ``at`` envs), then
-    copy them all; ``False`` with nothing written if any needs converting."""
+cdef bint write(Segment segment, Node node, object value, Py_ssize_t at, bint batch,
+                const Py_ssize_t *rows=NULL) except -1:
+    """Gather every leaf of ``value`` (a row of env ``at``, or a batch of ``at`` envs into
+    rows ``0 .. at-1`` or ``rows``), then copy them all; ``False`` with nothing written if
+    any needs converting."""
     cdef ItemList items
     cdef int ok
     items.items = NULL
     items.count = 0
     items.capacity = 0
     try:
-        ok = (node.gather_batch(segment, value, at, &items) if batch
+        ok = (node.gather_batch(segment, value, at, rows, &items) if batch
               else node.gather_row(segment, value, at, &items))
         if ok:
             items_copy(segment, &items)
@@ -361,6 +379,22 @@ cdef bint write(Segment segment, Node node, object value, Py_ssize_t at, bint ba
 def write_row(Segment segment, Node node, object value, Py_ssize_t env):
     """Copy one env's sample into its row; ``False`` (nothing written) if it needs converting."""
     return write(segment, node, value, env, False)
+
+
+def write_rows(Segment segment, Node node, object value, list env_ids):
+    """Copy a batch of ``len(env_ids)`` samples, row ``k`` into env ``env_ids[k]``'s row (ids
+    the caller checked: in range, no repeats); ``False`` (nothing written) if it needs
+    converting."""
+    cdef Py_ssize_t n = len(env_ids), k
+    cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(max(n, 1) * sizeof(Py_ssize_t))
+    if rows == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n):
+            rows[k] = env_ids[k]
+        return write(segment, node, value, n, True, rows)
+    finally:
+        free(rows)
 
 
 def write_batch(Segment segment, Node node, object value, Py_ssize_t n):

@@ -311,8 +311,11 @@ class PartialBatches:
         rewards, terminations = all_rewards[index], all_terminations[index]
         truncations = all_truncations[index]
         infos: dict[str, Any] = {}
-        rows = _Rows(len(ids))
         info_rows = self.pool.info_rows if self.pool.info_rows.learned else None
+        if info_rows is None and not (self.infos or self.restarted or self.resetting):
+            infos["env_id"] = index  # no env of the batch has an info (nor can have one)
+            return self._observations(ids, index), rewards, terminations, truncations, infos
+        rows = _Rows(len(ids))
         for k, i in enumerate(ids):
             info = self.infos.pop(i, None)
             if info is None and info_rows is not None:  # a few scalars, in the env's row

@@ -136,6 +136,10 @@ class WorkerPool(WorkerDeaths):
         # partial entries: each env's expected done count, each worker's id-ring cursor
         self._sent = [0] * plan.num_envs
         self._id_cursor = [0] * self.num_workers
+        # per env its done mark and has-reply words; per worker its ring of env ids
+        self._done_words = [plan.mark(i) + S.DONE for i in range(plan.num_envs)]
+        self._reply_words = [plan.mark(i) + S.HAS_REPLY for i in range(plan.num_envs)]
+        self._rings = [plan.env_id(w, 0) for w in range(self.num_workers)]
         self._worker_of = [w for w, group in enumerate(self.groups) for _ in group]
         self._launcher = Launcher(env_fns, self.groups, plan, res, self.doorbells, self._ctx,
                                   daemon, autoreset_mode, self._semaphore, start_timeout)
@@ -364,20 +368,20 @@ class WorkerPool(WorkerDeaths):
         payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
                     if requests is not None else None)
         self._adapt()
-        doorbells, plan, sent = self.doorbells, self.plan, self._sent
+        store, mask, sent = self.doorbells.store, self._mask, self._sent
         for w, ids in by_worker.items():
-            first = self._id_cursor[w]
+            first, ring = self._id_cursor[w], self._rings[w]
             for k, i in enumerate(ids):
-                doorbells.store(plan.env_id(w, first + k), i)
+                store(ring + 4 * ((first + k) & mask), i)
                 sent[i] = (sent[i] + 1) & 0xFFFFFFFF
             self._id_cursor[w] = (first + len(ids)) & 0xFFFFFFFF
             self._seq[w] = seq = (self._seq[w] + 1) & 0xFFFFFFFF
-            entry = plan.entry(w, seq)
-            doorbells.store(entry + S.E_COMMAND, command | S.PARTIAL)
-            doorbells.store(entry + S.E_SLOT, slot)
-            doorbells.store(entry + S.E_FIRST, first)
-            doorbells.store(entry + S.E_COUNT, len(ids))
-            doorbells.store(self._doorbell[w], seq)
+            entry = self._queues[w] + S.ENTRY * (seq & mask)
+            store(entry + S.E_COMMAND, command | S.PARTIAL)
+            store(entry + S.E_SLOT, slot)
+            store(entry + S.E_FIRST, first)
+            store(entry + S.E_COUNT, len(ids))
+            store(self._doorbell[w], seq)
         self._wake(by_worker)
         if payloads is not None:
             self._send_payloads(payloads)
@@ -385,9 +389,9 @@ class WorkerPool(WorkerDeaths):
     def finished(self, env_ids: Sequence[int]) -> list[tuple[int, bool]]:
         """Those of ``env_ids`` (submitted, not yet seen done) whose results are in the
         segment, with whether a reply of theirs is coming through the pipe."""
-        doorbells, mark, sent = self.doorbells, self.plan.mark, self._sent
-        return [(i, bool(doorbells.load(mark(i) + S.HAS_REPLY))) for i in env_ids
-                if doorbells.load(mark(i) + S.DONE) == sent[i]]
+        load, sent = self.doorbells.load, self._sent
+        done, reply = self._done_words, self._reply_words
+        return [(i, load(reply[i]) != 0) for i in env_ids if load(done[i]) == sent[i]]
 
     @property
     def completed(self) -> int:

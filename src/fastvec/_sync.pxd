@@ -31,6 +31,8 @@ cdef class Doorbells:
     cpdef void store(self, Py_ssize_t offset, uint32_t value) except *
     cpdef uint32_t add(self, Py_ssize_t offset, int32_t delta) except? 0xFFFFFFFF
     cpdef int wake(self, Py_ssize_t offset, int count=*) except -1
+    cpdef uint32_t count_and_wake(self, Py_ssize_t counter, Py_ssize_t waiting,
+                                  Py_ssize_t target) except? 0xFFFFFFFF
     cpdef int wait_while_equal(self, Py_ssize_t offset, uint32_t expected,
                                double timeout=*, double spin=*,
                                bint yield_cpu=*) except -1

@@ -111,6 +111,20 @@ cdef class Doorbells:
             return -1
         return n
 
+    cpdef uint32_t count_and_wake(self, Py_ssize_t counter, Py_ssize_t waiting,
+                                  Py_ssize_t target) except? 0xFFFFFFFF:
+        """Add 1 to the word at ``counter`` and wake its waiters if the word at ``waiting``
+        is set and the count has reached the word at ``target`` (mod 2**32: at most 2**31
+        behind); return the new count."""
+        cdef uint32_t *w = self._word(counter)
+        cdef uint32_t *flag = self._word(waiting)
+        cdef uint32_t *goal = self._word(target)
+        cdef uint32_t count = fv_add_fetch(w, 1)
+        if fv_load_acquire(flag) and ((count - fv_load_acquire(goal)) & 0x80000000u) == 0:
+            if fv_wake(w, INT32_MAX) < 0:
+                PyErr_SetFromErrno(OSError)
+        return count
+
     cpdef int wait_while_equal(self, Py_ssize_t offset, uint32_t expected,
                                double timeout=-1.0, double spin=20e-6,
                                bint yield_cpu=False) except -1:

@@ -318,6 +318,19 @@ class Layout:
         if not _kernels.write_batch(segment, self.root, canonical, self.n):
             raise AssertionError(f"{self.path}: converted batch still refused by the kernel")
 
+    def write_rows(self, value: Any, env_ids: list[int]) -> None:
+        """Write a batch of ``len(env_ids)`` samples, its row ``k`` into env ``env_ids[k]``'s
+        (distinct ids), as :meth:`write_batch` converts and checks a whole batch."""
+        n = len(env_ids)
+        if n and not (min(env_ids) >= 0 and max(env_ids) < self.n):
+            raise IndexError(f"env indices {env_ids} out of range for {self.n} environments")
+        segment = self.segment
+        if _kernels.write_rows(segment, self.root, value, env_ids):
+            return
+        canonical = _coerce_batch(self.root, value, self.path, n)
+        if not _kernels.write_rows(segment, self.root, canonical, env_ids):
+            raise AssertionError(f"{self.path}: converted batch still refused by the kernel")
+
     # -- reads ----------------------------------------------------------------------------
     def read_batch(self, copy: bool = True) -> Any:
         """The batch, as Gymnasium's shared-memory reader shapes it."""

@@ -447,22 +447,21 @@ class AsyncVectorEnv(EnvCalls, VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `send` for envs {busy}, which are still in flight (sent and not yet "
                 "returned by `recv`).", "recv")
-        per_env = partial.split_actions(actions, ids)
         layout = self._plan.actions
         request: Callable[[list[int]], M.Request] | None = None
         if layout is None:  # pickled, as in step_async
-            action_of = dict(zip(ids, per_env, strict=True))
+            action_of = dict(zip(ids, partial.split_actions(actions, ids), strict=True))
 
             def request(group: list[int]) -> M.Request:
                 return M.Step([action_of[i] for i in group])
 
             command = M.Command.REQUEST
-        else:
-            for i, action in zip(ids, per_env, strict=True):
-                try:
-                    layout.write_row(action, i)
-                except ValueError as exc:
-                    raise invalid_actions(f"env {i}: {exc}", ValueError) from None
+        else:  # the batch straight into its envs' rows, as step_async writes a whole one
+            try:
+                layout.write_rows(actions, ids)
+            except ValueError as exc:
+                partial.split_actions(actions, ids)  # Gymnasium's refusal, or a wrong count
+                raise invalid_actions(str(exc), ValueError) from None
             command = M.Command.STEP
         slot = partial.slot if partial.outstanding else self._choose_slot()
         partial.send(command, ids, slot, request)

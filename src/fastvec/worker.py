@@ -90,6 +90,8 @@ class Worker:
         self.line = plan.worker_line(index)
         self.queue = plan.queue(index)
         self.queue_mask = plan.queue_capacity - 1
+        self.ring = plan.env_id(index, 0)  # the ring of env ids (word k at ring + 4 * k)
+        self.marks = plan.mark(0)  # env i's completion marks at marks + MARK * i
         self.pending = plan.parent_line + S.PENDING
         self.completed = plan.parent_line + S.COMPLETED
         self.waiting = plan.parent_line + S.WAITING
@@ -182,8 +184,8 @@ class Worker:
         partial = command & S.PARTIAL != 0
         ids: list[int] | None = None
         if partial:
-            first, id_word = doorbells.load(entry + S.E_FIRST), self.plan.env_id
-            ids = [doorbells.load(id_word(self.index, first + k))
+            first, ring, mask = doorbells.load(entry + S.E_FIRST), self.ring, self.queue_mask
+            ids = [doorbells.load(ring + 4 * ((first + k) & mask))
                    for k in range(doorbells.load(entry + S.E_COUNT))]
         self.ids = ids
         request: M.Request | None = None
@@ -212,16 +214,12 @@ class Worker:
     def signal(self) -> None:
         """Count one more completion and wake the parent if it sleeps on the count and the
         count reached the one it waits for."""
-        doorbells = self.doorbells
-        count = doorbells.add(self.completed, 1)
-        # count >= target, modulo 2**32
-        if doorbells.load(self.waiting) and (count - doorbells.load(self.target)) & 0x80000000 == 0:
-            doorbells.wake(self.completed)
+        self.doorbells.count_and_wake(self.completed, self.waiting, self.target)
 
     def mark_done(self, env: int, has_reply: bool) -> None:
         """Env ``env``'s results are in the segment (a partial entry): mark it, count it and
         wake the parent if it sleeps on the count."""
-        doorbells, mark = self.doorbells, self.plan.mark(env)
+        doorbells, mark = self.doorbells, self.marks + S.MARK * env
         doorbells.store(mark + S.HAS_REPLY, 1 if has_reply else 0)
         doorbells.add(mark + S.DONE, 1)
         self.signal()
