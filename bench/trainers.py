@@ -11,7 +11,8 @@ A script, not a test (pytest does not collect it)::
 The runs are interleaved (every configuration once, then again...) and each figure is the
 median of the repeats, so that a noisy neighbour slows every configuration alike; compare the
 ratios. Two rates per run: the whole training (``learn``, or rollouts plus updates) and the
-rollout collection alone (acting and stepping, no gradient steps).
+rollout collection alone (acting and stepping, no gradient steps). The PyTorch PPO runs use
+PyTorch's own thread count unless ``--torch-threads`` says otherwise (SB3's use one thread).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from fastvec.integrations.sb3 import FastVecEnv
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 NUM_ENVS = 8
+#: PyTorch's own intra-op thread count, read before any run sets one (SB3's runs use 1)
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def _load_example(name: str) -> ModuleType:
@@ -82,13 +85,16 @@ def sb3_run(vec_env_cls: type, steps: int, **vec_env_kwargs: Any) -> tuple[float
     return model.num_timesteps / seconds, model.num_timesteps / timer.seconds
 
 
-def torch_run(example: ModuleType, vector: str, steps: int) -> tuple[float, float]:
-    """The CleanRL-style PPO: (env steps/s of training, env steps/s of its rollouts)."""
-    result = example.main(total_steps=steps, seed=0, vector=vector)
+def torch_run(example: ModuleType, vector: str, steps: int, threads: int
+              ) -> tuple[float, float]:
+    """The CleanRL-style PPO with ``threads`` PyTorch threads: (env steps/s of training, env
+    steps/s of its rollouts)."""
+    result = example.main(total_steps=steps, seed=0, vector=vector,
+                          config=example.Config(torch_threads=threads))
     return result.steps_per_second, result.env_steps / result.collect_seconds
 
 
-def main(steps: int, repeats: int) -> None:
+def main(steps: int, repeats: int, threads: int, torch_only: bool) -> None:
     example = _load_example("ppo_torch_cartpole")
     configs: dict[str, tuple[str, Callable[[], tuple[float, float]]]] = {
         "SubprocVecEnv": ("SB3 PPO", lambda: sb3_run(SubprocVecEnv, steps)),
@@ -96,15 +102,20 @@ def main(steps: int, repeats: int) -> None:
         "fastvec FastVecEnv": ("SB3 PPO", lambda: sb3_run(FastVecEnv, steps)),
         "fastvec FastVecEnv, parent group": (
             "SB3 PPO", lambda: sb3_run(FastVecEnv, steps, parent_group=True)),
-        "gymnasium SyncVectorEnv": ("torch PPO", lambda: torch_run(example, "gym-sync", steps)),
+        "gymnasium SyncVectorEnv": ("torch PPO",
+                                    lambda: torch_run(example, "gym-sync", steps, threads)),
         "gymnasium AsyncVectorEnv": ("torch PPO",
-                                     lambda: torch_run(example, "gym-async", steps)),
-        "fastvec synchronous": ("torch PPO", lambda: torch_run(example, "fastvec", steps)),
+                                     lambda: torch_run(example, "gym-async", steps, threads)),
+        "fastvec synchronous": ("torch PPO",
+                                lambda: torch_run(example, "fastvec", steps, threads)),
         "fastvec parent group": ("torch PPO",
-                                 lambda: torch_run(example, "fastvec-parent", steps)),
+                                 lambda: torch_run(example, "fastvec-parent", steps, threads)),
         "fastvec double-buffered": ("torch PPO",
-                                    lambda: torch_run(example, "fastvec-double", steps)),
+                                    lambda: torch_run(example, "fastvec-double", steps, threads)),
     }
+    if torch_only:
+        configs = {name: config for name, config in configs.items()
+                   if config[0] == "torch PPO"}
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     for r in range(repeats):
         for name, (_, run) in configs.items():
@@ -115,7 +126,7 @@ def main(steps: int, repeats: int) -> None:
     medians = {name: (statistics.median(t for t, _ in runs),
                       statistics.median(c for _, c in runs)) for name, runs in rates.items()}
     print(f"CartPole-v1, {NUM_ENVS} envs, {steps} env steps per run, median of {repeats} "
-          "interleaved runs")
+          f"interleaved runs; PyTorch PPO with {threads} PyTorch thread(s), SB3 with 1")
     print("| trainer | vectoriser | training steps/s | vs baseline | rollout steps/s "
           "| vs baseline |")
     print("|---|---|---:|---:|---:|---:|")
@@ -130,5 +141,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16_384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=TORCH_DEFAULT_THREADS,
+                        help="PyTorch threads for the PyTorch PPO runs (default: PyTorch's "
+                        f"own, {TORCH_DEFAULT_THREADS} here)")
+    parser.add_argument("--torch-only", action="store_true",
+                        help="only the PyTorch PPO rows")
     args = parser.parse_args()
-    main(args.steps, args.repeats)
+    main(args.steps, args.repeats, args.torch_threads, args.torch_only)
