@@ -125,8 +125,9 @@ def main(steps: int, repeats: int, threads: int, torch_only: bool) -> None:
     baselines = {"SB3 PPO": "DummyVecEnv", "torch PPO": "gymnasium SyncVectorEnv"}
     medians = {name: (statistics.median(t for t, _ in runs),
                       statistics.median(c for _, c in runs)) for name, runs in rates.items()}
+    sb3 = "" if torch_only else ", SB3 with 1"
     print(f"CartPole-v1, {NUM_ENVS} envs, {steps} env steps per run, median of {repeats} "
-          f"interleaved runs; PyTorch PPO with {threads} PyTorch thread(s), SB3 with 1")
+          f"interleaved runs; PyTorch PPO with {threads} PyTorch thread(s){sb3}")
     print("| trainer | vectoriser | training steps/s | vs baseline | rollout steps/s "
           "| vs baseline |")
     print("|---|---|---:|---:|---:|---:|")

@@ -781,6 +781,11 @@ def test_write_batch_rejects_bad_batches_naming_the_leaf(bad, path) -> None:
 def test_write_batch_of_text_needs_one_string_per_env() -> None:
     with bound_layout(Tuple([Text(3, charset="ab")]), 2, path="actions") as (layout, shm):
         before = segment_bytes(shm)
+        for unsized in (np.array(0), 7):  # no length (a 0-d array's len() raises TypeError)
+            with pytest.raises(ValueError, match=re.escape("actions[0]: expected a sequence")):
+                layout.write_batch((unsized,))
+            with pytest.raises(ValueError, match=re.escape("actions[0]: expected a sequence")):
+                layout.write_rows((unsized,), [1, 0])
         with pytest.raises(ValueError, match=re.escape("actions[0]:")):
             layout.write_batch((("a", "b", "a"),))
         with pytest.raises(ValueError, match=re.escape("actions[0][1]:")):

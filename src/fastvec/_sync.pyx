@@ -114,8 +114,8 @@ cdef class Doorbells:
     cpdef uint32_t count_and_wake(self, Py_ssize_t counter, Py_ssize_t waiting,
                                   Py_ssize_t target) except? 0xFFFFFFFF:
         """Add 1 to the word at ``counter`` and wake its waiters if the word at ``waiting``
-        is set and the count has reached the word at ``target`` (mod 2**32: at most 2**31
-        behind); return the new count."""
+        is set and the count has reached the word at ``target`` (mod 2**32, which holds while
+        count and target are within 2**31 of each other); return the new count."""
         cdef uint32_t *w = self._word(counter)
         cdef uint32_t *flag = self._word(waiting)
         cdef uint32_t *goal = self._word(target)

@@ -63,8 +63,9 @@ class DynamicShapeError(TypeError):
 class LeafError(ValueError):
     """A value that does not fit its space, naming the leaf: ``obs["camera"]: expected ...``.
 
-    Raised by :meth:`Layout.write_row` and :meth:`Layout.write_batch` (nothing is written
-    then), so callers can tell it from an error of their own code by its type.
+    Raised by :meth:`Layout.write_row`, :meth:`Layout.write_batch` and
+    :meth:`Layout.write_rows` (nothing is written then), so callers can tell it from an error
+    of their own code by its type.
     """
 
 
@@ -467,6 +468,10 @@ def _coerce_batch(node: Node, value: Any, path: str, n: int) -> Any:
         return _coerce_children(node, value, path,
                                 lambda child, item, where: _coerce_batch(child, item, where, n))
     # Text and OneOf batches are a sequence of n per-env samples.
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != n:
+    try:
+        count = None if isinstance(value, (str, bytes)) else len(value)
+    except TypeError:  # no length, or a 0-d array's
+        count = None
+    if count != n:
         raise LeafError(f"{path}: expected a sequence of {n} samples, got {describe(value)}")
     return tuple(_coerce(node, item, f"{path}[{i}]") for i, item in enumerate(value))
