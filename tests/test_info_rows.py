@@ -54,6 +54,71 @@ def test_every_value_type_round_trips_as_itself():
         parent.release()
 
 
+class _Rows:
+    """Gymnasium's own info batching over ``num_envs`` rows, the reference."""
+
+    _add_info = SyncVectorEnv._add_info
+
+    def __init__(self, num_envs: int) -> None:
+        self.num_envs = num_envs
+
+
+def gymnasium_batch(infos: list[dict]) -> dict:
+    rows, batched = _Rows(len(infos)), {}
+    for k, info in enumerate(infos):
+        batched = rows._add_info(batched, info, k)
+    return batched
+
+
+def same_infos(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        np.testing.assert_array_equal(got[key], value)
+        if value.dtype == object:  # the values themselves, each of its own type
+            assert [type(v) for v in got[key]] == [type(v) for v in value], key
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0], [2]])
+def test_a_batch_of_rows_is_batched_as_gymnasium_batches_it(order):
+    worker, parent, _ = two_sides(4)
+    schema_info = {f"k{n}": value for n, value in enumerate(VALUES[:MAX_VALUES])}
+    step_infos = [{key: type(value)(value if isinstance(value, (bool, np.bool_)) else
+                                    value // 2 if isinstance(value, (int, np.integer)) else
+                                    value / (env + 1))
+                   for key, value in schema_info.items()} for env in range(4)]
+    for env in range(4):
+        worker.learn([(env, schema_info)])
+        parent.learn([(env, schema_info)])
+        assert worker.write(env, step_infos[env])
+    same_infos(parent.read_batch(order), gymnasium_batch([step_infos[e] for e in order]))
+    # the same through each row, as the batch falls back to
+    same_infos(parent.read_batch(order), gymnasium_batch([parent.read(e) for e in order]))
+    worker.release()
+    parent.release()
+
+
+def test_rows_not_batched_at_once_are_left_to_the_one_by_one_path():
+    worker, parent, _ = two_sides(3)
+    for env, info in enumerate([{"a": 1}, {"a": 1}, {"a": 1.5}]):
+        worker.learn([(env, info)])
+        parent.learn([(env, info)])
+        worker.write(env, info)
+    assert parent.read_batch([0, 1]) is not None
+    assert parent.read_batch([0, 2]) is None  # two schemas
+    assert parent.read_batch([]) is None
+    worker.clear(1)
+    assert parent.read_batch([0, 1]) is None  # env 1's info is not in its row
+    for keys in (["final_obs"], ["x", "_x"]):  # Gymnasium batches these otherwise
+        info = dict.fromkeys(keys, 2)
+        worker.learn([(0, info)])
+        parent.learn([(0, info)])
+        assert worker.write(0, info)
+        assert parent.read_batch([0]) is None
+    worker.release()
+    parent.release()
+
+
 def test_a_worker_writes_only_the_schema_it_sent():
     worker, parent, buffer = two_sides(4, first=2)  # the worker holds envs 2 and 3
     info = {"lives": np.int32(3), "score": 1.5}

@@ -315,6 +315,12 @@ class PartialBatches:
         if info_rows is None and not (self.infos or self.restarted or self.resetting):
             infos["env_id"] = index  # no env of the batch has an info (nor can have one)
             return self._observations(ids, index), rewards, terminations, truncations, infos
+        if info_rows is not None and not (self.infos or self.restarted or self.resetting):
+            batched = info_rows.read_batch(ids)  # the common case: one schema, every row set
+            if batched is not None:
+                batched["env_id"] = index
+                return (self._observations(ids, index), rewards, terminations, truncations,
+                        batched)
         rows = _Rows(len(ids))
         for k, i in enumerate(ids):
             info = self.infos.pop(i, None)

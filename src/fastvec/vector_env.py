@@ -512,6 +512,10 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
             self._store_pipe_obs(reply.observations)
         info_rows = self._pool.info_rows
         if rows and info_rows.learned:
+            if not per_env and info_rows.learned == self.num_envs:
+                batched = info_rows.read_batch(range(self.num_envs))
+                if batched is not None:  # every env's info in its row, with one schema
+                    return batched, errors
             per_env.extend((i, info_rows.read(i)) for i in info_rows.set_rows())
             per_env.sort(key=itemgetter(0))
         infos: dict[str, Any] = {}
