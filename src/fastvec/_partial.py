@@ -312,11 +312,10 @@ class PartialBatches:
         truncations = all_truncations[index]
         infos: dict[str, Any] = {}
         info_rows = self.pool.info_rows if self.pool.info_rows.learned else None
-        if info_rows is None and not (self.infos or self.restarted or self.resetting):
-            infos["env_id"] = index  # no env of the batch has an info (nor can have one)
-            return self._observations(ids, index), rewards, terminations, truncations, infos
-        if info_rows is not None and not (self.infos or self.restarted or self.resetting):
-            batched = info_rows.read_batch(ids)  # the common case: one schema, every row set
+        if not (self.infos or self.restarted or self.resetting):
+            # no env of the batch has an info (nor can have one), or all are in their rows
+            # with one schema: the batch at once
+            batched = infos if info_rows is None else info_rows.read_batch(ids)
             if batched is not None:
                 batched["env_id"] = index
                 return (self._observations(ids, index), rewards, terminations, truncations,
