@@ -37,7 +37,7 @@ from fastvec._info_rows import InfoRows
 from fastvec._kernels import Segment
 from fastvec._remote_errors import NOT_RETURNED, EnvError, NotADictError, capture, env_error
 from fastvec._sync import Doorbells, kill_group_on_parent_death, unlink_on_parent_death
-from fastvec._waiting import WAIT_SLICE, SpinBudget
+from fastvec._waiting import WAIT_SLICE, WORKER_SPIN_LIMIT, SpinBudget
 from fastvec.layout import Layout
 
 __all__ = ["Worker", "build_envs", "worker_main"]
@@ -86,7 +86,7 @@ class Worker:
         self.plan = plan
         self.autoreset_mode = autoreset_mode
         self.semaphore = semaphore
-        self.spin = SpinBudget()
+        self.spin = SpinBudget(WORKER_SPIN_LIMIT)
         self.line = plan.worker_line(index)
         self.queue = plan.queue(index)
         self.queue_mask = plan.queue_capacity - 1
