@@ -435,6 +435,42 @@ def test_write_row_converts_safe_values(value) -> None:
         assert layout.read_row(1).dtype == np.float32
 
 
+# -- the bound row access of a per-step loop ---------------------------------------------------
+@pytest.mark.parametrize("n", BATCH_SIZES)
+@PROPERTY_SETTINGS
+@given(space=seeded_spaces())
+def test_row_writer_and_reader_do_what_write_row_and_read_row_do(n: int, space: Space) -> None:
+    samples = [space.sample() for _ in range(n)]
+    with bound_layout(space, n) as (layout, _):
+        write, read = layout.row_writer(), layout.row_reader()
+        for env, sample in enumerate(samples):
+            assert write(sample, env)  # a space's own samples need no converting
+        expected = expected_batch(space, samples)
+        assert_equivalent(layout.read_batch(copy=True), expected)
+        for env, row in enumerate(expected_rows(space, samples)):
+            assert_equivalent(read(env), row)
+            assert_equivalent(read(env), layout.read_row(env))
+
+
+def test_row_writer_refuses_what_needs_converting_and_writes_nothing() -> None:
+    with bound_layout(Box(0, 10, (2, 3), np.float32), 2) as (layout, _):
+        write = layout.row_writer()
+        before = layout.read_batch(copy=True)
+        lists = [[0, 1, 2], [3, 4, 5]]
+        assert not write(np.arange(6, dtype=np.float64).reshape(2, 3), 1)
+        assert not write(lists, 1)
+        np.testing.assert_array_equal(layout.read_batch(copy=True), before)
+        layout.write_row(lists, 1)  # the converting write the refusal calls for
+        np.testing.assert_array_equal(layout.read_row(1), np.asarray(lists, np.float32))
+        assert layout.read_row(1) is not layout.row_reader()(1)  # each read is a copy
+
+
+def test_row_access_needs_a_bound_layout() -> None:
+    layout = Layout(Box(0, 1, (2,), np.float32), 2)
+    with pytest.raises(RuntimeError, match="not bound"):
+        layout.row_writer()
+
+
 # -- Text and OneOf are decoded on every read ------------------------------------------------
 def test_text_is_decoded_on_every_read() -> None:
     space = Dict([("name", Text(6, min_length=0, charset="abcdef")), ("x", Discrete(2))])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -331,6 +332,20 @@ class Layout:
         canonical = _coerce_batch(self.root, value, self.path, n)
         if not _kernels.write_rows(segment, self.root, canonical, env_ids):
             raise AssertionError(f"{self.path}: converted batch still refused by the kernel")
+
+    # -- a per-step loop's row access ------------------------------------------------------
+    def row_writer(self) -> Callable[[Any, int], bool]:
+        """``write(value, env)``: the kernel's write of one env's row, bound to this layout,
+        for a loop over envs. It returns False, writing nothing, when the value is not
+        already in the leaves' dtypes and shapes: then call :meth:`write_row`, which converts
+        or explains. Neither the env index nor the binding is checked: only while bound, and
+        ``0 <= env < n``."""
+        return partial(_kernels.write_row, self.segment, self.root)
+
+    def row_reader(self) -> Callable[[int], Any]:
+        """``read(env)``: one env's sample, a copy, as :meth:`read_row` returns it, without
+        its index check (for a loop over envs known to be in range)."""
+        return partial(_kernels.read_row, self.root)
 
     # -- reads ----------------------------------------------------------------------------
     def read_batch(self, copy: bool = True) -> Any:

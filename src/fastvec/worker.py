@@ -30,7 +30,7 @@ from gymnasium import Env
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode
 
-from fastvec import _kernels, _memory
+from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._info_rows import InfoRows
@@ -255,13 +255,12 @@ class Worker:
         """Step the current entry's envs (the whole group unless partial); ``pickled_actions``:
         their actions, in that order, when the action space has no layout (else each env's
         is read from its row). A partial entry marks each env done as soon as it is."""
-        # the per-step hot path: locals hoisted, kernels called directly on the fast path
-        segment = self.segment
-        action_root = self.plan.actions.root if self.plan.actions is not None else None
+        # the per-step hot path: locals hoisted, rows read and written by the layouts'
+        # bound kernels (a layout's converting write only for a value they refuse)
+        read_action = self.plan.actions.row_reader() if self.plan.actions is not None else None
         pickled: Any = pickled_actions if pickled_actions is not None else []
         observations = self.observation_slot()
-        obs_root = observations.root if observations is not None else None
-        read_row, write_row = _kernels.read_row, _kernels.write_row
+        write_obs = observations.row_writer() if observations is not None else None
         rewards, terminations, truncations = self.rewards, self.terminations, self.truncations
         semaphore = self.semaphore
         doorbells, permit = self.doorbells, self.line + S.PERMIT
@@ -291,8 +290,8 @@ class Worker:
                         obs, info = env.reset()
                         reward, terminated, truncated = 0.0, False, False
                     else:
-                        result = env.step(pickled[j] if action_root is None
-                                          else read_row(action_root, i))
+                        result = env.step(pickled[j] if read_action is None
+                                          else read_action(i))
                         obs, reward, terminated, truncated, info = result
                         if same_step and (terminated or truncated):
                             final_obs, final_info = obs, info
@@ -308,8 +307,8 @@ class Worker:
                     autoreset[j] = bool(terminated or truncated)
                 # kept for a masked reset, which rewrites the envs it skips into its slot
                 last_obs[j] = obs
-                if obs_root is not None:
-                    if not write_row(segment, obs_root, obs, i):
+                if write_obs is not None:
+                    if not write_obs(obs, i):
                         observations.write_row(obs, i)  # type: ignore[union-attr]
                 elif reply is None:
                     reply = M.Reply(observations=[(i, obs)])
