@@ -33,7 +33,6 @@ from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._deaths import RESTARTABLE, WorkerDeaths
 from fastvec._info_rows import InfoRows
-from fastvec._kernels import Segment
 from fastvec._launch import Launcher
 from fastvec._load import Contention, MachineLoad
 from fastvec._local import LocalGroup, LocalPipe
@@ -48,6 +47,7 @@ from fastvec._processes import (
 from fastvec._remote_errors import raise_logged
 from fastvec._sync import Doorbells
 from fastvec._waiting import WAIT_SLICE, SpinBudget
+from fastvec.layout import Segment
 
 # the process helpers are re-exported: the face and the argument checks take them from here
 __all__ = ["WorkerPool", "default_num_workers", "finalize", "split_groups", "usable_cores"]

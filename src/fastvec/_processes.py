@@ -22,8 +22,8 @@ import numpy as np
 from fastvec import _memory
 from fastvec import _segment as S
 from fastvec._info_rows import InfoRows
-from fastvec._kernels import Segment
 from fastvec._sync import Doorbells
+from fastvec.layout import Segment
 
 if TYPE_CHECKING:
     from fastvec._local import LocalGroup

@@ -31,8 +31,7 @@ from gymnasium import spaces
 from gymnasium.error import CustomSpaceError
 
 from fastvec._info_rows import ROW as INFO_ROW
-from fastvec._kernels import Segment
-from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, align
+from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, Segment, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
 LAYOUT_VERSION = 6

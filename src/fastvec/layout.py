@@ -28,6 +28,7 @@ __all__ = [
     "Layout",
     "Leaf",
     "LeafError",
+    "Segment",
     "align",
     "describe",
     "register_layout",

@@ -34,11 +34,10 @@ from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._info_rows import InfoRows
-from fastvec._kernels import Segment
 from fastvec._remote_errors import NOT_RETURNED, EnvError, NotADictError, capture, env_error
 from fastvec._sync import Doorbells, kill_group_on_parent_death, unlink_on_parent_death
 from fastvec._waiting import WAIT_SLICE, WORKER_SPIN_LIMIT, SpinBudget
-from fastvec.layout import Layout
+from fastvec.layout import Layout, Segment
 
 __all__ = ["Worker", "build_envs", "worker_main"]
 
