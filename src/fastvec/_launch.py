@@ -29,8 +29,8 @@ from fastvec import _segment as S
 from fastvec._processes import Resources, process_start_time
 from fastvec._sync import Doorbells
 from fastvec._waiting import WAIT_SLICE
+from fastvec._worker_main import worker_main
 from fastvec.errors import WorkerStartTimeoutError
-from fastvec.worker import worker_main
 
 __all__ = ["Launcher", "envs_label"]
 

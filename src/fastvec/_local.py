@@ -28,7 +28,8 @@ from gymnasium.vector import AutoresetMode
 
 from fastvec import _messages as M
 from fastvec import _segment as S
-from fastvec.worker import Worker, build_envs
+from fastvec._worker_main import build_envs
+from fastvec.worker import Worker
 
 __all__ = ["LocalGroup", "LocalPipe", "local_pipes"]
 
