@@ -131,6 +131,7 @@ class WorkerPool(WorkerDeaths):
         # its queue
         self._seq = [0] * self.num_workers
         self._doorbell = [plan.worker_line(w) + S.CMD_SEQ for w in range(self.num_workers)]
+        self._sleeping = [plan.worker_line(w) + S.SLEEPING for w in range(self.num_workers)]
         self._queues = [plan.queue(w) for w in range(self.num_workers)]
         self._mask = plan.queue_capacity - 1
         # partial entries: each env's expected done count, each worker's id-ring cursor
@@ -254,22 +255,24 @@ class WorkerPool(WorkerDeaths):
             entry = queues[w] + S.ENTRY * (seq & mask)
             doorbells.store(entry + S.E_COMMAND, command)
             doorbells.store(entry + S.E_SLOT, slot)
-            doorbells.store(self._doorbell[w], seq)
+            doorbells.add(self._doorbell[w], 1)  # = seq; an add: see S.SLEEPING
         self._wake(range(self.num_workers))
         if payloads is not None:
             self._send_payloads(dict(enumerate(payloads)))
         self._rung_at = time.monotonic()
 
     def _wake(self, workers: Iterable[int]) -> None:
-        """Wake ``workers`` (their doorbells rung): each on its own, or with more workers
-        than cores all at once on the shared bell."""
+        """Wake ``workers`` (their doorbells rung): each asleep on its own (one still
+        spinning sees its doorbell change: a wake-up call would cost a system call for
+        nothing), or with more workers than cores all at once on the shared bell."""
         doorbells = self.doorbells
         if self._broadcast:
             doorbells.add(self._bell, 1)
             doorbells.wake(self._bell)
             return
+        load, sleeping = doorbells.load, self._sleeping
         for w in workers:
-            if w != self.remote:  # the parent's group is served, not woken
+            if w != self.remote and load(sleeping[w]):  # the parent's group is served
                 doorbells.wake(self._doorbell[w], 1)
 
     def _send_payloads(self, payloads: dict[int, Any]) -> None:
@@ -381,7 +384,7 @@ class WorkerPool(WorkerDeaths):
             store(entry + S.E_SLOT, slot)
             store(entry + S.E_FIRST, first)
             store(entry + S.E_COUNT, len(ids))
-            store(self._doorbell[w], seq)
+            self.doorbells.add(self._doorbell[w], 1)  # = seq; an add: see S.SLEEPING
         self._wake(by_worker)
         if payloads is not None:
             self._send_payloads(payloads)

@@ -34,13 +34,18 @@ from fastvec._info_rows import ROW as INFO_ROW
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, Segment, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 # magic, layout version, num_envs, num_workers, layout digest, total bytes
 HEADER = struct.Struct("<QIIIIQ")
 
 LINE = ALIGNMENT
 # Offsets inside one worker's control line.
 CMD_SEQ = 0  # the last entry published to the worker's queue (its doorbell)
+# 1 while the worker sleeps (or is about to) on CMD_SEQ: the parent wakes only a sleeper, and
+# a worker still spinning sees its doorbell change by itself. The worker sets it with an atomic
+# add before its last look at CMD_SEQ, the parent publishes CMD_SEQ with an atomic add before
+# it reads the flag: one of the two sees the other's write (no wake-up is lost).
+SLEEPING = 4
 # What the worker is doing while it starts (STATUS_*), read by the parent on a start timeout.
 STATUS = 8
 INFO_PENDING = 12

@@ -143,6 +143,7 @@ class Worker:
         """
         doorbells = self.doorbells
         seq_offset = self.line + S.CMD_SEQ
+        sleeping = self.line + S.SLEEPING
         spin_word = self.plan.parent_line + S.SPIN
         bell = self.plan.parent_line + S.BELL
         broadcast = doorbells.load(self.plan.parent_line + S.BROADCAST) != 0
@@ -152,8 +153,17 @@ class Worker:
             while True:
                 spin = max(0.0, spin_until - time.monotonic())
                 if not broadcast:
-                    if doorbells.wait_while_equal(seq_offset, seq, WAIT_SLICE * 10, spin, True):
+                    # spin first (a wait that ends when the spin does), then say so and sleep:
+                    # the parent wakes only a worker whose SLEEPING flag it sees
+                    if spin > 0.0 and doorbells.wait_while_equal(seq_offset, seq, spin, spin,
+                                                                 True):
                         break
+                    doorbells.add(sleeping, 1)  # an add: see S.SLEEPING
+                    try:
+                        if doorbells.wait_while_equal(seq_offset, seq, WAIT_SLICE * 10, 0.0):
+                            break
+                    finally:
+                        doorbells.store(sleeping, 0)
                 else:
                     rung = doorbells.load(bell)  # before our queue: a later ring changes it
                     if doorbells.load(seq_offset) != seq:
