@@ -51,7 +51,18 @@ void fv_store_release(uint32_t *w, uint32_t v)
 
 uint32_t fv_add_fetch(uint32_t *w, int32_t delta)
 {
-    return __atomic_add_fetch(w, (uint32_t)delta, __ATOMIC_ACQ_REL);
+    return __atomic_add_fetch(w, (uint32_t)delta, __ATOMIC_SEQ_CST);
+}
+
+uint32_t fv_load_seq_cst(const uint32_t *w)
+{
+    return __atomic_load_n(w, __ATOMIC_SEQ_CST);
+}
+
+uint32_t fv_store_then_load(uint32_t *w, uint32_t v, const uint32_t *other)
+{
+    __atomic_store_n(w, v, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(other, __ATOMIC_SEQ_CST);
 }
 
 #else /* generic C11 */
@@ -75,7 +86,18 @@ void fv_store_release(uint32_t *w, uint32_t v)
 uint32_t fv_add_fetch(uint32_t *w, int32_t delta)
 {
     return atomic_fetch_add_explicit(FV_ATOMIC(w), (uint32_t)delta,
-                                     memory_order_acq_rel) + (uint32_t)delta;
+                                     memory_order_seq_cst) + (uint32_t)delta;
+}
+
+uint32_t fv_load_seq_cst(const uint32_t *w)
+{
+    return atomic_load_explicit(FV_ATOMIC((uint32_t *)w), memory_order_seq_cst);
+}
+
+uint32_t fv_store_then_load(uint32_t *w, uint32_t v, const uint32_t *other)
+{
+    atomic_store_explicit(FV_ATOMIC(w), v, memory_order_seq_cst);
+    return atomic_load_explicit(FV_ATOMIC((uint32_t *)other), memory_order_seq_cst);
 }
 
 #endif

@@ -29,8 +29,17 @@ uint32_t fv_load_acquire(const uint32_t *w);
 /* Atomic store with release ordering. */
 void fv_store_release(uint32_t *w, uint32_t v);
 
-/* Atomic *w += delta (modulo 2**32), acq_rel ordering; returns the NEW value. */
+/* Atomic *w += delta (modulo 2**32), sequentially consistent; returns the NEW value. */
 uint32_t fv_add_fetch(uint32_t *w, int32_t delta);
+
+/* Atomic load, sequentially consistent: after an fv_add_fetch or fv_store_then_load of
+ * another word it is ordered after that write (a Dekker-style handshake: of two processes
+ * that each write one word and then read the other's, at least one sees the other's write;
+ * acquire/release alone do not promise that). */
+uint32_t fv_load_seq_cst(const uint32_t *w);
+
+/* Store v into *w, then load *other, both sequentially consistent; returns *other. */
+uint32_t fv_store_then_load(uint32_t *w, uint32_t v, const uint32_t *other);
 
 /*
  * Block while *w == expected.

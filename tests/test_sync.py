@@ -191,6 +191,20 @@ def test_load_store_add(bells: Doorbells, shm: SharedMemory) -> None:
     assert bells.load(last) == 123
 
 
+def test_store_then_load_writes_one_word_and_reads_the_other(bells: Doorbells) -> None:
+    bells.store(8, 3)
+    assert bells.store_then_load(4, 41, 8) == 3
+    assert bells.load(4) == 41 and bells.load(8) == 3
+    bells.store(8, U32_MAX)  # the "maybe error" value is a value like any other
+    assert bells.store_then_load(4, U32_MAX, 8) == U32_MAX
+    assert bells.store_then_load(4, 5, 4) == 5  # the same word: the value just written
+    with pytest.raises(ValueError, match="aligned"):
+        bells.store_then_load(4, 1, 6)
+    with pytest.raises(ValueError, match="out of range"):
+        bells.store_then_load(SEG_SIZE, 1, 0)
+    assert bells.load(4) == 5  # a refused call writes nothing
+
+
 def test_add_wraps_modulo_2_32(bells: Doorbells) -> None:
     # 0xFFFFFFFF is also the "maybe error" return value: must not be mistaken for one
     assert bells.add(0, -1) == U32_MAX

@@ -255,25 +255,31 @@ class WorkerPool(WorkerDeaths):
             entry = queues[w] + S.ENTRY * (seq & mask)
             doorbells.store(entry + S.E_COMMAND, command)
             doorbells.store(entry + S.E_SLOT, slot)
-            doorbells.add(self._doorbell[w], 1)  # = seq; an add: see S.SLEEPING
-        self._wake(range(self.num_workers))
+        self._wake([w for w in range(self.num_workers) if self._publish(w, seqs[w])])
         if payloads is not None:
             self._send_payloads(dict(enumerate(payloads)))
         self._rung_at = time.monotonic()
 
-    def _wake(self, workers: Iterable[int]) -> None:
-        """Wake ``workers`` (their doorbells rung): each asleep on its own (one still
-        spinning sees its doorbell change: a wake-up call would cost a system call for
-        nothing), or with more workers than cores all at once on the shared bell."""
+    def _publish(self, w: int, seq: int) -> bool:
+        """Ring worker ``w``'s doorbell with its last entry ``seq``; True if it has to be
+        woken: it sleeps on the doorbell (or is about to; see ``S.SLEEPING``). A worker still
+        spinning sees the doorbell change by itself, and the parent's own group is served,
+        not woken. With more workers than cores they all sleep on the shared bell."""
+        if self._broadcast or w == self.remote:
+            self.doorbells.store(self._doorbell[w], seq)
+            return False
+        return self.doorbells.store_then_load(self._doorbell[w], seq, self._sleeping[w]) != 0
+
+    def _wake(self, asleep: Iterable[int]) -> None:
+        """Wake the workers ``asleep`` on their rung doorbells, or with more workers than
+        cores every worker at once on the shared bell."""
         doorbells = self.doorbells
         if self._broadcast:
             doorbells.add(self._bell, 1)
             doorbells.wake(self._bell)
             return
-        load, sleeping = doorbells.load, self._sleeping
-        for w in workers:
-            if w != self.remote and load(sleeping[w]):  # the parent's group is served
-                doorbells.wake(self._doorbell[w], 1)
+        for w in asleep:
+            doorbells.wake(self._doorbell[w], 1)
 
     def _send_payloads(self, payloads: dict[int, Any]) -> None:
         """Send each worker its request, after its doorbell: the worker is reading then, so
@@ -384,8 +390,7 @@ class WorkerPool(WorkerDeaths):
             store(entry + S.E_SLOT, slot)
             store(entry + S.E_FIRST, first)
             store(entry + S.E_COUNT, len(ids))
-            self.doorbells.add(self._doorbell[w], 1)  # = seq; an add: see S.SLEEPING
-        self._wake(by_worker)
+        self._wake([w for w in by_worker if self._publish(w, self._seq[w])])
         if payloads is not None:
             self._send_payloads(payloads)
 

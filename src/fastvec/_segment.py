@@ -43,8 +43,9 @@ LINE = ALIGNMENT
 CMD_SEQ = 0  # the last entry published to the worker's queue (its doorbell)
 # 1 while the worker sleeps (or is about to) on CMD_SEQ: the parent wakes only a sleeper, and
 # a worker still spinning sees its doorbell change by itself. The worker sets it with an atomic
-# add before its last look at CMD_SEQ, the parent publishes CMD_SEQ with an atomic add before
-# it reads the flag: one of the two sees the other's write (no wake-up is lost).
+# add before its last look at CMD_SEQ (the futex's own compare), the parent publishes CMD_SEQ
+# and then reads the flag, both sequentially consistent (Doorbells.store_then_load): one of
+# the two sees the other's write, so no wake-up is lost.
 SLEEPING = 4
 # What the worker is doing while it starts (STATUS_*), read by the parent on a start timeout.
 STATUS = 8

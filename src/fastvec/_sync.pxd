@@ -10,6 +10,8 @@ cdef extern from "fv_sync.h" nogil:
     uint32_t fv_load_acquire(const uint32_t *w)
     void fv_store_release(uint32_t *w, uint32_t v)
     uint32_t fv_add_fetch(uint32_t *w, int32_t delta)
+    uint32_t fv_load_seq_cst(const uint32_t *w)
+    uint32_t fv_store_then_load(uint32_t *w, uint32_t v, const uint32_t *other)
     int fv_wait_while_equal(uint32_t *w, uint32_t expected,
                             int64_t timeout_ns, int64_t spin_ns, int yield_cpu)
     int fv_wake(uint32_t *w, int n)
@@ -30,6 +32,8 @@ cdef class Doorbells:
     cpdef uint32_t load(self, Py_ssize_t offset) except? 0xFFFFFFFF
     cpdef void store(self, Py_ssize_t offset, uint32_t value) except *
     cpdef uint32_t add(self, Py_ssize_t offset, int32_t delta) except? 0xFFFFFFFF
+    cpdef uint32_t store_then_load(self, Py_ssize_t offset, uint32_t value,
+                                   Py_ssize_t other) except? 0xFFFFFFFF
     cpdef int wake(self, Py_ssize_t offset, int count=*) except -1
     cpdef uint32_t count_and_wake(self, Py_ssize_t counter, Py_ssize_t waiting,
                                   Py_ssize_t target) except? 0xFFFFFFFF

@@ -93,8 +93,18 @@ cdef class Doorbells:
         fv_store_release(self._word(offset), value)
 
     cpdef uint32_t add(self, Py_ssize_t offset, int32_t delta) except? 0xFFFFFFFF:
-        """Atomically add ``delta`` (mod 2**32, acq_rel); return the new value."""
+        """Atomically add ``delta`` (mod 2**32, sequentially consistent); return the new
+        value."""
         return fv_add_fetch(self._word(offset), delta)
+
+    cpdef uint32_t store_then_load(self, Py_ssize_t offset, uint32_t value,
+                                   Py_ssize_t other) except? 0xFFFFFFFF:
+        """Write ``value`` at ``offset``, then read the word at ``other``, both sequentially
+        consistent: the publishing half of a handshake in which the other side writes
+        ``other`` with :meth:`add` and then reads ``offset`` (one of the two sees the other's
+        write, which acquire and release alone do not promise). Does not wake."""
+        cdef uint32_t *w = self._word(offset)
+        return fv_store_then_load(w, value, self._word(other))
 
     cpdef int wake(self, Py_ssize_t offset, int count=INT32_MAX) except -1:
         """Wake up to ``count`` waiters on the word (default: all).
@@ -120,7 +130,9 @@ cdef class Doorbells:
         cdef uint32_t *flag = self._word(waiting)
         cdef uint32_t *goal = self._word(target)
         cdef uint32_t count = fv_add_fetch(w, 1)
-        if fv_load_acquire(flag) and ((count - fv_load_acquire(goal)) & 0x80000000u) == 0:
+        # sequentially consistent: the parent sets the flag, then reads the count (a
+        # handshake; see store_then_load)
+        if fv_load_seq_cst(flag) and ((count - fv_load_seq_cst(goal)) & 0x80000000u) == 0:
             if fv_wake(w, INT32_MAX) < 0:
                 PyErr_SetFromErrno(OSError)
         return count
