@@ -46,12 +46,31 @@ def _segment(words: int) -> shared_memory.SharedMemory:
                                       size=4 * words)
 
 
-def _wait_for(bells: Doorbells, offset: int, value: int) -> None:
+ANSWER_TIMEOUT = 30.0  # seconds: a process that has not answered by then is stuck or dead
+
+
+def _wait_for(bells: Doorbells, offset: int, value: int, procs: list[Any]) -> None:
     """Sleep until the word at ``offset`` holds ``value`` (each wait on the value last read:
     a value read twice may have changed in between, and a wait on the newer one would sleep
-    through its own answer)."""
+    through its own answer). Raises RuntimeError if one of ``procs`` ended or none answered
+    within ``ANSWER_TIMEOUT``."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT
     while (seen := bells.load(offset)) != value:
-        bells.wait_while_equal(offset, seen, 10.0, 0.0, False)
+        if not bells.wait_while_equal(offset, seen, 0.5, 0.0, False):
+            ended = [p.pid for p in procs if not p.is_alive()]
+            if ended or time.monotonic() > deadline:
+                raise RuntimeError(f"no answer (processes that ended: {ended or 'none'})")
+
+
+def _end(procs: list[Any]) -> None:
+    """Join the started ones of ``procs`` (killed if they do not stop within 10 s)."""
+    for p in procs:
+        if p.pid is None:  # never started
+            continue
+        p.join(10.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _ring_member(i: int, members: int, name: str, core: int) -> None:
@@ -90,7 +109,7 @@ def ring(ctx: BaseContext, members: int, rounds: int, core: int) -> float:
             start = time.perf_counter()
             bells.store(0, r)
             bells.wake(0, 1)
-            _wait_for(bells, 4 * members, r)
+            _wait_for(bells, 4 * members, r, procs)
             seconds.append(time.perf_counter() - start)
         return statistics.median(seconds[rounds // 10:]) / (members + 1)
     finally:
@@ -98,10 +117,7 @@ def ring(ctx: BaseContext, members: int, rounds: int, core: int) -> float:
         for i in range(members):
             bells.store(4 * i, STOP)
             bells.wake(4 * i, 1)
-        for p in procs:
-            p.join(10.0)
-            if p.is_alive():
-                p.kill()
+        _end(procs)
         bells.release()
         shm.close()
         shm.unlink()
@@ -141,15 +157,13 @@ def wake(ctx: BaseContext, pause: float, spin: float, rounds: int) -> float:
             start = time.perf_counter()
             bells.store(0, r)
             bells.wake(0, 1)
-            _wait_for(bells, 4, r)
+            _wait_for(bells, 4, r, [proc])
             seconds.append(time.perf_counter() - start)
         return statistics.median(seconds[rounds // 10:])
     finally:
         bells.store(0, STOP)
         bells.wake(0, 1)
-        proc.join(10.0)
-        if proc.is_alive():
-            proc.kill()
+        _end([proc])
         bells.release()
         shm.close()
         shm.unlink()

@@ -48,8 +48,9 @@ FACE = {"fastvec.vector_env", "fastvec._partial", "fastvec._partial_calls",
         "fastvec._env_calls"}
 
 
-@pytest.mark.parametrize("name", ["_pool.py", "worker.py", "_processes.py", "_launch.py",
-                                  "_deaths.py", "_local.py", "_segment.py", "layout.py"])
+@pytest.mark.parametrize("name", ["_pool.py", "worker.py", "_worker_main.py", "_processes.py",
+                                  "_launch.py", "_deaths.py", "_local.py", "_segment.py",
+                                  "layout.py"])
 def test_the_engine_does_not_import_the_face(name: str) -> None:
     assert not imported_modules(PACKAGE / name) & FACE
 

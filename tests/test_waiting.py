@@ -77,7 +77,7 @@ def test_a_worker_waits_with_the_worker_limit_and_the_pool_with_the_parents() ->
         envs.close()
 
 
-@pytest.mark.parametrize("limit", [0.0, -1.0, SpinBudget.FLOOR / 2, float("nan")])
+@pytest.mark.parametrize("limit", [0.0, -1.0, SpinBudget.FLOOR / 2, float("nan"), float("inf")])
 def test_a_limit_below_the_floor_is_refused(limit: float) -> None:
     with pytest.raises(ValueError, match="spin limit"):
         SpinBudget(limit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 # Parent-death and dead-worker checks run between wait slices of this many seconds.
 WAIT_SLICE = 0.05
 
@@ -14,7 +16,9 @@ PARENT_SPIN_LIMIT = 500e-6
 #: next step its futex wake-up, and on a virtual machine the wake-up of an idle core: median
 #: 21-28 us for one round trip, 60-100 us added to a step of 8 CartPole envs on 2 workers
 #: after a 1-2 ms pause (measured here); a worker spinning costs only the otherwise idle core
-#: it spins on. A contended machine turns spinning off (:mod:`fastvec._load`).
+#: it spins on. A contended machine turns spinning off (:mod:`fastvec._load`), and a pool with
+#: more workers than cores keeps the parent's limit: there a spinning worker does take a core
+#: that another worker needs.
 WORKER_SPIN_LIMIT = 3e-3
 
 
@@ -31,8 +35,9 @@ class SpinBudget:
     FLOOR = 50e-6
 
     def __init__(self, limit: float = PARENT_SPIN_LIMIT) -> None:
-        if not limit >= self.FLOOR:
-            raise ValueError(f"a spin limit must be at least {self.FLOOR} s, got {limit!r}")
+        if not (math.isfinite(limit) and limit >= self.FLOOR):
+            raise ValueError(f"a spin limit must be finite and at least {self.FLOOR} s, got "
+                             f"{limit!r}")
         self.limit = limit
         self.typical = 0.0
 

@@ -31,7 +31,7 @@ from fastvec import _segment as S
 from fastvec._info_rows import InfoRows
 from fastvec._remote_errors import NOT_RETURNED, EnvError, NotADictError, capture, env_error
 from fastvec._sync import Doorbells
-from fastvec._waiting import WAIT_SLICE, WORKER_SPIN_LIMIT, SpinBudget
+from fastvec._waiting import PARENT_SPIN_LIMIT, WAIT_SLICE, WORKER_SPIN_LIMIT, SpinBudget
 from fastvec.layout import Layout, Segment
 
 __all__ = ["Channel", "Worker"]
@@ -147,6 +147,8 @@ class Worker:
         spin_word = self.plan.parent_line + S.SPIN
         bell = self.plan.parent_line + S.BELL
         broadcast = doorbells.load(self.plan.parent_line + S.BROADCAST) != 0
+        if broadcast:  # more workers than cores: a long spin takes another worker's core
+            self.spin = SpinBudget(PARENT_SPIN_LIMIT)
         while True:
             idle_since = time.monotonic()
             spin_until = idle_since + (self.spin.budget() if doorbells.load(spin_word) else 0.0)
