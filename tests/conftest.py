@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from multiprocessing import shared_memory
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -20,6 +21,9 @@ import pytest
 from fastvec import _memory
 from fastvec._kernels import Segment
 from fastvec.layout import Layout
+
+if TYPE_CHECKING:
+    from fastvec.worker import Worker
 
 # Hypothesis imports its failing-example patcher (libcst) only when a test fails, and that
 # import emits a third-party DeprecationWarning which `filterwarnings = error` would turn into
@@ -251,3 +255,28 @@ def bound_layout(space, n: int,
         finally:
             shm.unlink()
 
+
+@contextlib.contextmanager
+def local_worker(num_envs: int) -> Iterator[Worker]:
+    """A :class:`fastvec.worker.Worker` (worker 0, one group of ``num_envs`` envs, Discrete(2)
+    actions, Box(2) observations) over a local buffer the plan laid out, to drive in-process;
+    detached and its pipe closed on exit."""
+    from multiprocessing import Pipe
+
+    from gymnasium import spaces
+    from gymnasium.vector import AutoresetMode
+
+    from fastvec import _segment as S
+    from fastvec.worker import Worker
+
+    plan = S.SegmentPlan(num_envs, 1, spaces.Discrete(2), spaces.Box(-1, 1, (2,)))
+    buffer = memoryview(bytearray(plan.nbytes))
+    plan.write_header(buffer)
+    ours, theirs = Pipe()
+    worker = Worker(0, 0, theirs, plan, buffer, AutoresetMode.NEXT_STEP)
+    try:
+        yield worker
+    finally:
+        worker.detach()
+        ours.close()
+        theirs.close()

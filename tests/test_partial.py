@@ -616,45 +616,37 @@ def test_workers_wake_the_parent_only_once_its_recv_can_return():
     needed wakes it at once. Driven in-process: a Worker over a local buffer, the parent's
     sleep in a thread."""
     import threading
-    from multiprocessing import Pipe
 
+    from conftest import local_worker
     from fastvec import _segment as S
-    from fastvec.worker import Worker
 
-    space = spaces.Box(-1, 1, (2,))
-    plan = S.SegmentPlan(4, 1, spaces.Discrete(2), space)
-    buffer = memoryview(bytearray(plan.nbytes))
-    plan.write_header(buffer)
-    ours, theirs = Pipe()
-    worker = Worker(0, 0, theirs, plan, buffer, AutoresetMode.NEXT_STEP)
-    doorbells = worker.doorbells
-    completed_word = plan.parent_line + S.COMPLETED
-    completed = 0xFFFFFFFE  # the count wraps around on the way
-    doorbells.store(completed_word, completed)
-    line = plan.parent_line
-    doorbells.store(line + S.TARGET, (completed + 3) & 0xFFFFFFFF)
-    doorbells.store(line + S.WAITING, 1)
-    woke: list[bool] = []
-    sleeper = threading.Thread(target=lambda: woke.append(doorbells.wait_while_equal(
-        completed_word, completed, 10.0, 0.0, False)))
-    sleeper.start()
-    try:
-        time.sleep(0.1)  # asleep in the kernel by now
-        worker.signal()
-        worker.signal()
-        sleeper.join(0.3)
-        assert sleeper.is_alive(), "two completions of the three needed woke the parent"
-        start = time.monotonic()
-        worker.signal()
-        sleeper.join(5.0)
-        assert woke == [True] and time.monotonic() - start < 2.0
-    finally:
-        doorbells.store(line + S.TARGET, 0)
-        worker.signal()
-        sleeper.join(10.0)
-        worker.detach()
-        ours.close()
-        theirs.close()
+    with local_worker(4) as worker:
+        plan = worker.plan
+        doorbells = worker.doorbells
+        completed_word = plan.parent_line + S.COMPLETED
+        completed = 0xFFFFFFFE  # the count wraps around on the way
+        doorbells.store(completed_word, completed)
+        line = plan.parent_line
+        doorbells.store(line + S.TARGET, (completed + 3) & 0xFFFFFFFF)
+        doorbells.store(line + S.WAITING, 1)
+        woke: list[bool] = []
+        sleeper = threading.Thread(target=lambda: woke.append(doorbells.wait_while_equal(
+            completed_word, completed, 10.0, 0.0, False)))
+        sleeper.start()
+        try:
+            time.sleep(0.1)  # asleep in the kernel by now
+            worker.signal()
+            worker.signal()
+            sleeper.join(0.3)
+            assert sleeper.is_alive(), "two completions of the three needed woke the parent"
+            start = time.monotonic()
+            worker.signal()
+            sleeper.join(5.0)
+            assert woke == [True] and time.monotonic() - start < 2.0
+        finally:
+            doorbells.store(line + S.TARGET, 0)
+            worker.signal()
+            sleeper.join(10.0)
 
 
 def test_a_worker_restarted_during_async_reset_reports_its_envs_reset_not_truncated():

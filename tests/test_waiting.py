@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from multiprocessing import Pipe
-
 import gymnasium as gym
 import pytest
-from gymnasium import spaces
-from gymnasium.vector import AutoresetMode
 
 import fastvec
-from fastvec import _segment as S
+from conftest import local_worker
 from fastvec._waiting import PARENT_SPIN_LIMIT, WORKER_SPIN_LIMIT, SpinBudget
-from fastvec.worker import Worker
 
 
 def settled(budget: SpinBudget, waited: float, times: int = 40) -> SpinBudget:
@@ -58,18 +53,8 @@ def test_a_trainers_pause_is_spun_through_by_a_worker_not_by_the_parent() -> Non
 
 
 def test_a_worker_waits_with_the_worker_limit_and_the_pool_with_the_parents() -> None:
-    space = spaces.Box(-1, 1, (2,))
-    plan = S.SegmentPlan(2, 1, spaces.Discrete(2), space)
-    buffer = memoryview(bytearray(plan.nbytes))
-    plan.write_header(buffer)
-    ours, theirs = Pipe()
-    served = Worker(0, 0, theirs, plan, buffer, AutoresetMode.NEXT_STEP)
-    try:
+    with local_worker(2) as served:
         assert served.spin.limit == WORKER_SPIN_LIMIT
-    finally:
-        served.detach()
-        ours.close()
-        theirs.close()
     envs = fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
     try:
         assert envs._pool._spin.limit == PARENT_SPIN_LIMIT
