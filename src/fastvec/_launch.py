@@ -72,10 +72,11 @@ class Launcher:
     semaphore: Semaphore | None
     start_timeout: float | None
 
-    def launch(self, w: int, core: int | None, initial_reset: tuple[bool, bool] | None = None
+    def launch(self, w: int, cores: frozenset[int] | None,
+               initial_reset: tuple[bool, bool] | None = None
                ) -> tuple[BaseProcess, connection.Connection]:
-        """Start the process of worker ``w`` (pinned to ``core``, if not None); return it and
-        the parent's end of its pipe. ``initial_reset``: see :func:`worker_main`."""
+        """Start the process of worker ``w`` (on ``cores``, if not None); return it and the
+        parent's end of its pipe. ``initial_reset``: see :func:`worker_main`."""
         group = self.groups[w]
         shm = self.resources.shm
         assert shm is not None
@@ -88,7 +89,7 @@ class Launcher:
                 target=worker_main,
                 name=f"Worker<AsyncVectorEnv>-{w}",
                 args=(w, group.start, env_fns, child_pipe, parent_pipe, self.plan,
-                      shm.handle, self.autoreset_mode, self.semaphore, os.getpid(), core),
+                      shm.handle, self.autoreset_mode, self.semaphore, os.getpid(), cores),
                 kwargs={"initial_reset": initial_reset},
                 daemon=self.daemon,
             )

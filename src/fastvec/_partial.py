@@ -94,6 +94,11 @@ class PartialBatches:
         return A.send_env_ids(env_ids, self.num_envs, self.last_ids)
 
     # -- send ------------------------------------------------------------------------------
+    def call_begins(self) -> None:
+        """A ``send`` or ``async_reset`` begins: the caller's own computing stops here (its
+        checks and writing the actions are the call's)."""
+        self.pool.caller.stop()
+
     def split_actions(self, actions: Any, ids: list[int]) -> list[Any]:
         """One action per env of ``ids``, split by Gymnasium's ``iterate``."""
         space = self._action_spaces.get(len(ids))
@@ -151,6 +156,14 @@ class PartialBatches:
     # -- recv ------------------------------------------------------------------------------
     def recv(self, batch_size: int, timeout: float | None) -> tuple[Any, ...]:
         """The first ``batch_size`` envs to finish (fewer if fewer are outstanding)."""
+        self.pool.caller.stop()
+        try:
+            return self._recv(batch_size, timeout)
+        finally:
+            if self.in_flight or self.awaiting:  # the caller computes while these step
+                self.pool.caller.start()
+
+    def _recv(self, batch_size: int, timeout: float | None) -> tuple[Any, ...]:
         want = min(batch_size, self.outstanding)
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
@@ -187,6 +200,7 @@ class PartialBatches:
         """Wait until no env is in flight or awaiting its reply, then forget every
         outstanding env (``close``); raises ``multiprocessing.TimeoutError`` past
         ``timeout``."""
+        self.pool.caller.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic() + WAIT_SLICE
         while self.in_flight or self.awaiting:

@@ -62,6 +62,7 @@ class PartialBatchCalls:
         self._assert_is_running()
         self._assert_no_call("send")
         partial = self._partial
+        partial.call_begins()
         ids = partial.env_ids(env_ids)
         busy = partial.busy(ids)
         if busy:
@@ -100,6 +101,7 @@ class PartialBatchCalls:
         ``env_ids`` no env may be in flight.
         """
         self._assert_is_running()
+        self._partial.call_begins()
         seeds = A.seeds(seed, self.num_envs)
         if options is not None and "reset_mask" in options:
             raise ValueError("`async_reset` resets every env (or `env_ids`): "

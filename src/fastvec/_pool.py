@@ -14,7 +14,6 @@ closed. It raises
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import connection
@@ -34,8 +33,9 @@ from fastvec import _segment as S
 from fastvec._deaths import RESTARTABLE, WorkerDeaths
 from fastvec._info_rows import InfoRows
 from fastvec._launch import Launcher
-from fastvec._load import Contention, MachineLoad
+from fastvec._load import CallerClock, CallerShare, Contention, MachineLoad
 from fastvec._local import LocalGroup, LocalPipe
+from fastvec._placement import Placement
 from fastvec._processes import (
     Resources,
     affinity,
@@ -96,8 +96,9 @@ class WorkerPool(WorkerDeaths):
             self._ctx.BoundedSemaphore(max_concurrency) if max_concurrency is not None
             else None)
         self._cores = sorted(affinity())
-        # pin_workers=None: pinned while the machine is calm, if there is a core per worker
-        self._auto_pin = pin_workers is None and self.num_workers == len(self._cores)
+        # pin_workers=None: pinned while the machine is calm, if there is a core per worker,
+        # and kept off the cores the parent's own computing needs (see fastvec._placement)
+        self.placement = Placement(self._cores, self.num_workers, pin_workers)
         # the parent's CPU seconds inside waits (spinning is the pool's own, not other work)
         # and between a synchronous command's wait and the next command (the workers idle
         # then, so the caller's computing does not compete with them); _cpu_mark: the
@@ -109,6 +110,10 @@ class WorkerPool(WorkerDeaths):
         self.contention = Contention(
             MachineLoad(self._cores, self._worker_pids, lambda: self.waiting_cpu)
             if self._cores else None)
+        # the parent's computing while envs are in flight, outside the pool's calls
+        self.caller = CallerClock()
+        self.caller_share = CallerShare(self.caller if self._cores else None,
+                                        len(self._cores) - 1)
         self.resources = res = Resources()
         res.plan = plan
         res.shm = _memory.create(plan.nbytes, lazy_tail=scratch_bytes)
@@ -193,43 +198,33 @@ class WorkerPool(WorkerDeaths):
 
     def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None
                 ) -> tuple[BaseProcess, connection.Connection]:
-        """Start the process of worker ``w`` (pinned if workers are, see ``_pinned``)."""
-        cores = self._cores
-        core = cores[w % len(cores)] if self._pinned and cores else None
-        return self._launcher.launch(w, core, initial_reset)
+        """Start the process of worker ``w`` on its cores (see :class:`Placement`)."""
+        return self._launcher.launch(w, self.placement.cores_of(w), initial_reset)
 
     def _await_start(self, workers: Sequence[int],
                      replies: bool = False) -> dict[int, list[Any]]:
         return self._launcher.await_start(workers, self.recv, replies)
 
     # -- contention ------------------------------------------------------------------------
-    @property
-    def _pinned(self) -> bool:
-        """Whether workers are (to be) pinned, one per core."""
-        if self._auto_pin:
-            return not self.contention.contended
-        return bool(self.pin_workers)
-
     def _worker_pids(self) -> list[int]:
         return [p.pid for p in self.resources.processes if p.pid is not None]
 
     def _adapt(self) -> None:
-        """Sample the machine's load now and then; on a change of mind, tell the workers
-        whether to spin and, with automatic pinning, pin or unpin them."""
-        if not self.contention.check(time.monotonic()):
+        """Sample the machine's load and the parent's own computing now and then; on a
+        change of mind, tell the workers whether to spin and, with automatic placement,
+        move them to their cores."""
+        now = time.monotonic()
+        contention_changed = self.contention.check(now)
+        share_changed = self.caller_share.check(now)
+        if not (contention_changed or share_changed):
             return
-        self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
-        if not self._auto_pin:
-            return
-        cores = self._cores
-        for w, process in enumerate(self.resources.processes):
-            if process.pid is None:
-                continue
-            try:
-                os.sched_setaffinity(process.pid, {cores[w % len(cores)]} if self._pinned
-                                     else cores)
-            except OSError:  # the worker is gone (the next wait reports it)
-                pass
+        contended = self.contention.contended
+        if contention_changed:
+            self.doorbells.store(self._spin_word, 0 if contended else 1)
+        placement = self.placement
+        placement.contended, placement.reserved = contended, self.caller_share.reserved
+        if placement.automatic:
+            placement.apply([p.pid for p in self.resources.processes])
 
     def _spin_budget(self) -> float:
         """How long the parent may spin before it sleeps (never on a contended machine)."""
@@ -241,6 +236,7 @@ class WorkerPool(WorkerDeaths):
         """Send ``command`` to every worker (with one request each), writing ``slot``."""
         # pickled before any doorbell rings: a request that cannot be pickled raises here,
         # with no worker left waiting for it
+        self.caller.stop()
         payloads = None
         if requests is not None:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
@@ -259,6 +255,7 @@ class WorkerPool(WorkerDeaths):
         if payloads is not None:
             self._send_payloads(dict(enumerate(payloads)))
         self._rung_at = time.monotonic()
+        self.caller.start()  # until the wait: the caller computes while the workers step
 
     def _publish(self, w: int, seq: int) -> bool:
         """Ring worker ``w``'s doorbell with its last entry ``seq``; True if it has to be
@@ -298,6 +295,7 @@ class WorkerPool(WorkerDeaths):
         the other workers are done, then the dead ones are replaced (see ``_replace_lost``).
         On ``multiprocessing.TimeoutError`` the command stays pending: wait again.
         """
+        self.caller.stop()
         start = time.monotonic()
         # the caller's computing while the command was in flight (wall time: it is short, or
         # it competed with the workers, which is what it is counted as)
@@ -374,6 +372,7 @@ class WorkerPool(WorkerDeaths):
                requests: dict[int, M.Request] | None = None, slot: int = 0) -> None:
         """Queue one partial entry per worker for its envs in ``by_worker`` (and send its
         request); each env is then marked done on its own (see :meth:`finished`)."""
+        self.caller.stop()
         payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
                     if requests is not None else None)
         self._adapt()
@@ -393,6 +392,7 @@ class WorkerPool(WorkerDeaths):
         self._wake([w for w in by_worker if self._publish(w, self._seq[w])])
         if payloads is not None:
             self._send_payloads(payloads)
+        self.caller.start()  # until the next call: envs are in flight
 
     def finished(self, env_ids: Sequence[int]) -> list[tuple[int, bool]]:
         """Those of ``env_ids`` (submitted, not yet seen done) whose results are in the

@@ -97,7 +97,8 @@ def _end_group(segment_file: str | None = None) -> None:
 def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]]],
                 pipe: Connection, parent_pipe: Connection | None, plan: S.SegmentPlan,
                 segment_handle: _memory.Handle, autoreset_mode: AutoresetMode,
-                semaphore: Semaphore | None, parent_pid: int, core: int | None = None, *,
+                semaphore: Semaphore | None, parent_pid: int,
+                cores: frozenset[int] | None = None, *,
                 initial_reset: tuple[bool, bool] | None = None) -> None:
     """Entry point of a worker process (picklable for spawn and forkserver).
 
@@ -127,10 +128,10 @@ def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]
         if own_group:
             _end_group(segment_file)
         return
-    if core is not None:
+    if cores is not None:
         try:
-            os.sched_setaffinity(0, {core})
-        except (AttributeError, OSError):  # not Linux, or the core went away: run unpinned
+            os.sched_setaffinity(0, cores)
+        except (AttributeError, OSError):  # not Linux, or a core went away: run unpinned
             pass
     if parent_pipe is not None:
         parent_pipe.close()

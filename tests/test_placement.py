@@ -1,0 +1,256 @@
+"""Which cores workers run on, and the cores left to a parent that computes while envs are in
+flight: the caller's clock, the share with its hysteresis, the placement's rules, and a live
+pool that moves its workers off the parent's core and back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import fastvec
+from fastvec._load import CallerClock, CallerShare
+from fastvec._placement import Placement
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets affinities")
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+two_cores = pytest.mark.skipif(len(CORES) < 2, reason="leaving a core to the parent needs two")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- the caller's clock ----------------------------------------------------------------------
+
+def test_the_callers_clock_counts_only_between_start_and_stop():
+    fake = FakeClock()
+    clock = CallerClock(fake)
+    fake.now = 1.0
+    clock.stop()  # not running: nothing
+    assert clock.read() == 0.0
+    clock.start()
+    fake.now = 1.5
+    clock.start()  # already running: the window began at 1.0
+    assert clock.read() == 0.5  # a running window counts up to now
+    clock.stop()
+    fake.now = 4.0  # stopped: this does not count
+    assert clock.seconds == clock.read() == 0.5
+    clock.start()
+    fake.now = 4.25
+    clock.stop()
+    assert clock.seconds == 0.75
+
+
+def test_the_callers_clock_is_the_process_cpu_time_by_default():
+    clock = CallerClock()
+    clock.start()
+    start = time.process_time()
+    while time.process_time() - start < 0.05:
+        pass
+    clock.stop()
+    assert clock.seconds >= 0.05
+    time.sleep(0.05)  # not computing, and not running: nothing
+    assert clock.read() == clock.seconds
+
+
+# -- the share -------------------------------------------------------------------------------
+
+def test_a_core_is_left_at_once_and_given_back_after_two_low_samples():
+    share = CallerShare(None, limit=1)
+    assert not share.update(CallerShare.RESERVE - 0.01)  # not enough
+    assert share.reserved == 0
+    assert share.update(CallerShare.RESERVE)  # enough: at once
+    assert share.reserved == 1
+    assert not share.update(1.0 - CallerShare.MARGIN)  # not low enough
+    assert not share.update(0.0)  # one low sample
+    assert not share.update(0.5)  # the count starts over
+    assert not share.update(0.1)
+    assert share.reserved == 1
+    assert share.update(0.1)  # the second low sample in a row
+    assert share.reserved == 0
+
+
+def test_the_share_never_leaves_more_than_its_limit():
+    share = CallerShare(None, limit=2)
+    assert share.update(5.0)
+    assert share.reserved == 2
+    assert not share.update(5.0)
+    assert not share.update(1.1)  # under 2 - MARGIN: low
+    assert share.update(1.1)
+    assert share.reserved == 1  # what the sample rounds to, not nothing
+    one_core = CallerShare(None, limit=0)  # one usable core: nothing to leave
+    assert not one_core.update(1.0)
+    assert one_core.reserved == 0
+
+
+def test_the_share_samples_the_clock_once_per_interval():
+    fake = FakeClock()
+    clock = CallerClock(fake)
+    share = CallerShare(clock, limit=1)
+    assert not share.check(10.0)  # the first sample: nothing to compare with
+    assert share.share is None
+    clock.start()
+    fake.now = 0.2  # 0.2 CPU seconds over the next 0.25 s: 0.8 cores' worth
+    assert not share.check(10.0 + CallerShare.INTERVAL / 2)  # too soon: not sampled
+    assert share.check(10.0 + CallerShare.INTERVAL)
+    assert share.share == pytest.approx(0.8)
+    assert share.reserved == 1
+    assert not CallerShare(None, 1).check(10.0)  # no clock (not Linux): no opinion
+
+
+# -- the placement ---------------------------------------------------------------------------
+
+def test_placement_by_request_ignores_the_machine():
+    for pin, expected in ((True, [{4}, {6}, {4}]), (False, [None, None, None])):
+        placement = Placement([6, 4], 3, pin)
+        placement.contended, placement.reserved = True, 1
+        assert not placement.automatic
+        assert [placement.cores_of(w) for w in range(3)] == expected
+
+
+def test_automatic_placement_follows_the_machine():
+    placement = Placement([0, 1, 2, 3], 4, None)
+    assert placement.automatic
+    assert [placement.cores_of(w) for w in range(4)] == [{0}, {1}, {2}, {3}]  # calm
+    placement.contended = True
+    assert [placement.cores_of(w) for w in range(4)] == [None] * 4  # anywhere
+    placement.reserved = 1  # the parent computes: the last core is left to it
+    assert [placement.cores_of(w) for w in range(4)] == [{0, 1, 2}] * 4
+    placement.contended = False  # (calm but reserved: still off that core)
+    assert placement.cores_of(0) == {0, 1, 2}
+    placement.reserved = 9  # never every core
+    assert placement.cores_of(0) == {0}
+
+
+def test_automatic_placement_pins_only_one_worker_per_core():
+    assert [Placement([0, 1], 1, None).cores_of(0)] == [None]
+    assert [Placement([0, 1], 3, None).cores_of(w) for w in range(3)] == [None] * 3
+    assert Placement([], 2, None).cores_of(0) is None  # no affinity here (not Linux)
+    assert not Placement([], 2, None).automatic
+
+
+# -- a live pool -----------------------------------------------------------------------------
+
+class ScriptedShare(CallerShare):
+    """A share whose samples are scripted (each ``check`` takes the next, none when empty)."""
+
+    def __init__(self, script: list[float], limit: int) -> None:
+        super().__init__(None, limit)
+        self.script = script
+
+    def check(self, now: float) -> bool:
+        return self.update(self.script.pop(0)) if self.script else False
+
+
+def _affinities(envs: fastvec.AsyncVectorEnv) -> list[set[int]]:
+    return [os.sched_getaffinity(p.pid) for p in envs._pool.resources.processes]
+
+
+def _cycle(envs: fastvec.AsyncVectorEnv, cycles: int, compute: float = 0.0) -> None:
+    """Send every env, then ``cycles`` times: receive a batch, compute ``compute`` CPU
+    seconds (the policy), send it back; finally receive every env."""
+    envs.async_reset(seed=0)
+    for _ in range(cycles):
+        *_, infos = envs.recv(timeout=10)
+        start = time.process_time()
+        while time.process_time() - start < compute:
+            pass
+        envs.send(np.zeros(len(infos["env_id"]), np.int64), infos["env_id"])
+    while envs._partial.outstanding:
+        envs.recv(timeout=10)
+
+
+def _scripted(envs: fastvec.AsyncVectorEnv, script: list[float]) -> None:
+    pool = envs._pool
+    pool.contention.check = lambda now: False  # type: ignore[method-assign]  # calm
+    pool.caller_share = ScriptedShare(script, len(CORES) - 1)
+
+
+@linux
+@two_cores
+def test_workers_leave_the_last_core_to_a_computing_parent_and_come_back():
+    n = len(CORES)
+    fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
+    with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=n) as envs:
+        _scripted(envs, [])
+        _cycle(envs, 2)
+        assert _affinities(envs) == [{c} for c in CORES]  # calm: pinned one per core
+        envs._pool.caller_share.script = [1.0]
+        _cycle(envs, 2)
+        assert _affinities(envs) == [set(CORES[:-1])] * n
+        envs._pool.caller_share.script = [0.0, 0.0]
+        _cycle(envs, 3)
+        assert _affinities(envs) == [{c} for c in CORES]
+
+
+@linux
+@two_cores
+def test_workers_placed_by_request_stay_put_when_the_parent_computes():
+    n = len(CORES)
+    for pin in (True, False):
+        fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
+        with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=n, pin_workers=pin) as envs:
+            _scripted(envs, [])
+            _cycle(envs, 1)
+            before = _affinities(envs)
+            envs._pool.caller_share.script = [1.0]
+            _cycle(envs, 2)
+            assert envs._pool.caller_share.reserved == 1
+            assert _affinities(envs) == before
+            assert before == ([{c} for c in CORES] if pin else [set(CORES)] * n)
+
+
+@linux
+@two_cores
+def test_a_worker_replaced_while_a_core_is_left_to_the_parent_starts_off_it():
+    n = len(CORES)
+    fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
+    with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=n,
+                                restart_workers=True) as envs:
+        _scripted(envs, [1.0])
+        _cycle(envs, 2)
+        assert _affinities(envs) == [set(CORES[:-1])] * n
+        old = envs._pool.resources.processes[0].pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        with pytest.warns(UserWarning, match="restarted it"):
+            _cycle(envs, 4)
+        assert envs._pool.resources.processes[0].pid != old
+        assert _affinities(envs) == [set(CORES[:-1])] * n
+
+
+@linux
+@two_cores
+@pytest.mark.timeout(60)
+def test_a_parent_computing_while_envs_step_is_measured_and_gets_a_core():
+    """No script: a parent that computes 5 ms of CPU per batch while the other envs step is
+    seen computing (its share reaches the threshold), and the workers leave it the last
+    core; once it stops computing they are given every core again."""
+    n = len(CORES)
+    fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
+    with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=n) as envs:
+        pool = envs._pool
+        pool.contention.check = lambda now: False  # type: ignore[method-assign]  # calm
+        deadline = time.monotonic() + 20
+        while pool.caller_share.reserved == 0:
+            assert time.monotonic() < deadline, f"share seen: {pool.caller_share.share}"
+            _cycle(envs, 40, compute=0.005)
+        assert pool.caller_share.share is not None
+        assert pool.caller_share.share >= CallerShare.RESERVE
+        assert _affinities(envs) == [set(CORES[:-1])] * n
+        deadline = time.monotonic() + 20
+        while pool.caller_share.reserved:
+            assert time.monotonic() < deadline, f"share seen: {pool.caller_share.share}"
+            _cycle(envs, 40)
+            time.sleep(CallerShare.INTERVAL)  # idle, not computing: no share
+        assert _affinities(envs) == [{c} for c in CORES]
