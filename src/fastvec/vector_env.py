@@ -111,9 +111,10 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
         Pin worker ``i`` to the ``i``-th usable core (Linux). Default (``None``): pin when
         there is exactly one worker per usable core, where it keeps the scheduler from
         queueing two workers on one core while another core spins, and only while other
-        work leaves the machine calm (see the README's "On a busy machine"). Processes and
-        threads that an environment starts inherit the pin; pass ``False`` for such
-        environments.
+        work leaves the machine calm (see the README's "On a busy machine"); while the
+        caller computes during steps (a double-buffered policy), the workers are kept off
+        the last usable core, which the caller then has to itself. Processes and threads
+        that an environment starts inherit the pin; pass ``False`` for such environments.
     restart_workers
         Replace a worker process that dies (a crash inside a C extension, the OOM killer, a
         ``SIGKILL``) instead of breaking the vector env. The new worker builds fresh envs for
