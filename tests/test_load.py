@@ -249,22 +249,37 @@ def _spin(seconds: float) -> None:
 
 def test_a_synchronous_callers_computing_is_the_pools_own_but_not_while_envs_are_in_flight():
     """Between two synchronous steps the workers are idle: the caller's computing there takes
-    no core from them (it counts as the pool's). While envs are in flight (partial batches)
-    it competes with the workers (it does not)."""
+    no core from them (it counts as the pool's). While envs are in flight (partial batches,
+    or between step_async and step_wait) it competes with the workers (it is the caller's).
+    The pool's calls themselves (writing actions, waiting, reading results) are its own."""
     fns = [lambda: gym.make("CartPole-v1")] * 2
     with fastvec.AsyncVectorEnv(fns, num_workers=1) as envs:
+        parent = envs._pool.parent_time
         envs.reset(seed=0)
-        before = envs._pool.waiting_cpu
+        own, caller = parent.own, parent.caller
         _spin(0.3)  # "the policy", with nothing in flight
         envs.step(np.zeros(2, np.int64))
-        assert envs._pool.waiting_cpu - before > 0.2
+        assert parent.own - own > 0.2
+        assert parent.caller - caller < 0.1
+        own, caller = parent.own, parent.caller
+        envs.step_async(np.zeros(2, np.int64))
+        _spin(0.3)  # computing while the step is in flight
+        envs.step_wait()
+        assert parent.caller - caller > 0.2
+        assert parent.own - own < 0.1
     with fastvec.AsyncVectorEnv(fns, num_workers=1, batch_size=1) as envs:
+        parent = envs._pool.parent_time
         envs.async_reset(seed=0)
         envs.recv(timeout=5)
         envs.recv(timeout=5)
         envs.send(np.zeros(2, np.int64), [0, 1])
-        before = envs._pool.waiting_cpu
+        own, caller = parent.own, parent.caller
         _spin(0.3)  # "the policy", with both envs in flight
         envs.recv(timeout=5)
+        assert parent.caller - caller > 0.2
+        assert parent.own - own < 0.1
+        own, caller = parent.own, parent.caller
+        _spin(0.3)  # the other env finished too: it waits to be received, not in flight
         envs.recv(timeout=5)
-        assert envs._pool.waiting_cpu - before < 0.1
+        assert parent.own - own > 0.2
+        assert parent.caller - caller < 0.1

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastvec
-from fastvec._load import CallerClock, CallerShare
+from fastvec._load import CallerShare, ParentTime
 from fastvec._placement import Placement
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets affinities")
@@ -30,37 +30,39 @@ class FakeClock:
         return self.now
 
 
-# -- the caller's clock ----------------------------------------------------------------------
+# -- the parent's time -----------------------------------------------------------------------
 
-def test_the_callers_clock_counts_only_between_start_and_stop():
+def test_the_parent_time_splits_into_the_pools_own_and_the_callers():
     fake = FakeClock()
-    clock = CallerClock(fake)
-    fake.now = 1.0
-    clock.stop()  # not running: nothing
-    assert clock.read() == 0.0
-    clock.start()
+    parent = ParentTime(fake)
+    fake.now = 1.0  # before any call: nothing in flight, the pool's own
+    parent.enter()
     fake.now = 1.5
-    clock.start()  # already running: the window began at 1.0
-    assert clock.read() == 0.5  # a running window counts up to now
-    clock.stop()
-    fake.now = 4.0  # stopped: this does not count
-    assert clock.seconds == clock.read() == 0.5
-    clock.start()
-    fake.now = 4.25
-    clock.stop()
-    assert clock.seconds == 0.75
+    parent.enter()  # a call inside a call counts once
+    fake.now = 2.0
+    parent.leave(True)  # inside the call: own
+    assert (parent.own, parent.caller) == (2.0, 0.0)
+    parent.leave(False)  # not inside: nothing changes
+    fake.now = 2.25  # envs in flight: the caller's
+    parent.enter()
+    assert (parent.own, parent.caller) == (2.0, 0.25)
+    fake.now = 2.5
+    parent.leave(False)
+    fake.now = 4.0  # nothing in flight: own again
+    parent.enter()
+    assert (parent.own, parent.caller) == (3.75, 0.25)
 
 
-def test_the_callers_clock_is_the_process_cpu_time_by_default():
-    clock = CallerClock()
-    clock.start()
-    start = time.process_time()
-    while time.process_time() - start < 0.05:
+def test_the_parent_time_is_the_calling_threads_cpu_time_by_default():
+    parent = ParentTime()
+    parent.enter()
+    parent.leave(True)
+    start = time.thread_time()
+    while time.thread_time() - start < 0.05:
         pass
-    clock.stop()
-    assert clock.seconds >= 0.05
-    time.sleep(0.05)  # not computing, and not running: nothing
-    assert clock.read() == clock.seconds
+    time.sleep(0.05)  # not computing: no CPU time
+    parent.enter()
+    assert 0.05 <= parent.caller < 0.09
 
 
 # -- the share -------------------------------------------------------------------------------
@@ -93,14 +95,16 @@ def test_the_share_never_leaves_more_than_its_limit():
     assert one_core.reserved == 0
 
 
-def test_the_share_samples_the_clock_once_per_interval():
+def test_the_share_samples_the_callers_time_once_per_interval():
     fake = FakeClock()
-    clock = CallerClock(fake)
-    share = CallerShare(clock, limit=1)
+    parent = ParentTime(fake)
+    share = CallerShare(parent, limit=1)
     assert not share.check(10.0)  # the first sample: nothing to compare with
     assert share.share is None
-    clock.start()
+    parent.enter()
+    parent.leave(True)
     fake.now = 0.2  # 0.2 CPU seconds over the next 0.25 s: 0.8 cores' worth
+    parent.enter()
     assert not share.check(10.0 + CallerShare.INTERVAL / 2)  # too soon: not sampled
     assert share.check(10.0 + CallerShare.INTERVAL)
     assert share.share == pytest.approx(0.8)
@@ -162,8 +166,8 @@ def _cycle(envs: fastvec.AsyncVectorEnv, cycles: int, compute: float = 0.0) -> N
     envs.async_reset(seed=0)
     for _ in range(cycles):
         *_, infos = envs.recv(timeout=10)
-        start = time.process_time()
-        while time.process_time() - start < compute:
+        start = time.thread_time()
+        while time.thread_time() - start < compute:
             pass
         envs.send(np.zeros(len(infos["env_id"]), np.int64), infos["env_id"])
     while envs._partial.outstanding:

@@ -9,19 +9,19 @@ synchronous step waits for it (measured here with one busy process: 0.2x ``SyncV
 pinned and spinning, 1.1-2x unpinned and sleeping).
 
 :class:`MachineLoad` measures the other work directly: the CPU time the usable cores spent
-busy (``/proc/stat``) minus the time the pool itself took to step and to wait
-(``/proc/<pid>/stat`` of each worker, the parent's time inside its waits, and its time
-between a synchronous step and the next, when the workers are idle). What is left is work
+busy (``/proc/stat``) minus the time the pool itself took (``/proc/<pid>/stat`` of each
+worker, and the parent's own time as :class:`ParentTime` splits it: inside the pool's calls,
+and between a synchronous step and the next, when the workers are idle). What is left is work
 that competes with the workers for the cores: other processes, the parent's other threads (a
 learner's), and the trainer's own computing while envs are in flight (a policy's forward
 pass while the workers step the other half of a double-buffered batch). :class:`Contention`
 turns those samples into a decision with hysteresis: calm (spin, pin) or contended (sleep at
 once, let the scheduler place workers).
 
-Part of that other work can be the trainer's own: :class:`CallerClock` measures the CPU time
-the parent process spends outside the pool's calls while envs are in flight (the policy of a
-double-buffered loop), and :class:`CallerShare` turns it into the cores to leave to the
-parent, so that the workers stop taking turns with it on a core its forward pass needs.
+Part of that other work can be the trainer's own: :class:`ParentTime` splits the parent's
+time into the pool's own and the caller's computing while envs are in flight (the policy of
+a double-buffered loop), and :class:`CallerShare` turns the latter into the cores to leave to
+the parent, so that the workers stop taking turns with it on a core its forward pass needs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["CallerClock", "CallerShare", "Contention", "MachineLoad", "process_cpu_seconds"]
+__all__ = ["CallerShare", "Contention", "MachineLoad", "ParentTime", "process_cpu_seconds"]
 
 try:
     _TICK = float(os.sysconf("SC_CLK_TCK"))
@@ -77,24 +77,24 @@ def process_cpu_seconds(pid: int) -> float:
 class MachineLoad:
     """Cores' worth of work beside the pool's own that ran on ``cores`` between two samples.
 
-    ``pids()`` names the pool's worker processes; ``waiting()`` is the CPU seconds the
-    parent spent inside the pool's waits so far (its spinning is the pool's, not work that
-    competes with it). :meth:`sample` returns None until two samples exist, or where the
-    counters cannot be read (not Linux).
+    ``pids()`` names the pool's worker processes; ``own()`` is the parent's CPU seconds of
+    the pool's own work so far (:attr:`ParentTime.own`: its spinning, writing actions and
+    reading results are the pool's, not work that competes with it). :meth:`sample` returns
+    None until two samples exist, or where the counters cannot be read (not Linux).
     """
 
     def __init__(self, cores: Sequence[int], pids: Callable[[], Iterable[int]],
-                 waiting: Callable[[], float] = lambda: 0.0) -> None:
+                 own: Callable[[], float] = lambda: 0.0) -> None:
         self.cores = list(cores)
         self.pids = pids
-        self.waiting = waiting
+        self.own = own
         self._last: tuple[float, float, float] | None = None
 
     def _read(self, now: float) -> tuple[float, float, float] | None:
         busy = _busy_seconds(self.cores)
         if busy is None:
             return None
-        ours = self.waiting() + sum(process_cpu_seconds(pid) for pid in self.pids())
+        ours = self.own() + sum(process_cpu_seconds(pid) for pid in self.pids())
         return now, busy, ours
 
     def sample(self, now: float) -> float | None:
@@ -157,38 +157,56 @@ class Contention:
         return False
 
 
-class CallerClock:
-    """The parent process's CPU seconds while envs are in flight and the parent is not inside
-    a call of the pool: the trainer computing (a policy's forward pass, on any of its
-    threads) while the workers step.
+class ParentTime:
+    """The parent thread's CPU time, split into the pool's own and the caller's computing
+    while envs are in flight.
 
-    The pool calls :meth:`start` when a call returns with envs in flight and :meth:`stop`
-    when the next call begins; :meth:`read` counts a running window up to now.
+    The pool calls :meth:`enter` when one of its calls begins and :meth:`leave` when it
+    returns, saying whether envs are still in flight. Time inside the calls (waiting,
+    writing actions, reading results, stepping ``parent_group``'s envs) is the pool's own,
+    and so is time outside them with nothing in flight (between two synchronous steps the
+    workers are idle, so the trainer's computing there takes no core from them). Time
+    outside the calls with envs in flight (a double-buffered policy's forward pass, or the
+    caller's work between ``step_async`` and ``step_wait``) is the caller's: it competes
+    with the workers for the cores.
+
+    Only the calling thread is timed (``time.thread_time``): the parent's other threads (a
+    learner's, a policy's BLAS pool) are other work to :class:`MachineLoad`, and a policy
+    computing on several threads is seen by its share on the calling one. Entering twice
+    (a call inside a call) or leaving twice counts once.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.process_time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.thread_time) -> None:
         self.clock = clock
-        self.seconds = 0.0
-        self._since: float | None = None
+        self.own = 0.0
+        self.caller = 0.0
+        self._inside = False
+        self._in_flight = False
+        self._mark = clock()
 
-    def start(self) -> None:
-        if self._since is None:
-            self._since = self.clock()
+    def enter(self) -> None:
+        if self._inside:
+            return
+        now = self.clock()
+        elapsed = max(0.0, now - self._mark)
+        if self._in_flight:
+            self.caller += elapsed
+        else:
+            self.own += elapsed
+        self._inside, self._mark = True, now
 
-    def stop(self) -> None:
-        since, self._since = self._since, None
-        if since is not None:
-            self.seconds += max(0.0, self.clock() - since)
-
-    def read(self) -> float:
-        since = self._since
-        return self.seconds + (0.0 if since is None else max(0.0, self.clock() - since))
+    def leave(self, in_flight: bool) -> None:
+        if not self._inside:
+            return
+        now = self.clock()
+        self.own += max(0.0, now - self._mark)
+        self._inside, self._in_flight, self._mark = False, in_flight, now
 
 
 class CallerShare:
-    """How many of the usable cores to leave to the parent, from :class:`CallerClock`.
+    """How many of the usable cores to leave to the parent, from :class:`ParentTime`.
 
-    Every ``INTERVAL`` seconds the clock's CPU seconds over the wall time since the last
+    Every ``INTERVAL`` seconds the caller's CPU seconds over the wall time since the last
     sample give the cores' worth the parent computed while envs were in flight. A core is
     left to it at once for each whole core's worth, and for a part of one from ``RESERVE``
     (never all: ``limit`` is the usable cores less one); fewer once two samples in a row are
@@ -207,8 +225,8 @@ class CallerShare:
     RESERVE = 0.4
     MARGIN = 0.75
 
-    def __init__(self, clock: CallerClock | None, limit: int) -> None:
-        self.clock = clock
+    def __init__(self, parent: ParentTime | None, limit: int) -> None:
+        self.parent = parent
         self.limit = max(0, limit)
         self.reserved = 0
         #: the latest sample: cores' worth of the parent's computing (None before the second)
@@ -219,10 +237,10 @@ class CallerShare:
 
     def check(self, now: float) -> bool:
         """Sample if ``INTERVAL`` has passed; True when :attr:`reserved` changed."""
-        if now < self._next or self.clock is None:
+        if now < self._next or self.parent is None:
             return False
         self._next = now + self.INTERVAL
-        reading = (now, self.clock.read())
+        reading = (now, self.parent.caller)
         last, self._last = self._last, reading
         if last is None or now <= last[0]:
             return False

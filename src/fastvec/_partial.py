@@ -95,9 +95,9 @@ class PartialBatches:
 
     # -- send ------------------------------------------------------------------------------
     def call_begins(self) -> None:
-        """A ``send`` or ``async_reset`` begins: the caller's own computing stops here (its
-        checks and writing the actions are the call's)."""
-        self.pool.caller.stop()
+        """A ``send`` or ``async_reset`` begins: the caller's computing stops here (its checks
+        and writing the actions are the pool's own time; :meth:`send` ends the call)."""
+        self.pool.parent_time.enter()
 
     def split_actions(self, actions: Any, ids: list[int]) -> list[Any]:
         """One action per env of ``ids``, split by Gymnasium's ``iterate``."""
@@ -156,12 +156,11 @@ class PartialBatches:
     # -- recv ------------------------------------------------------------------------------
     def recv(self, batch_size: int, timeout: float | None) -> tuple[Any, ...]:
         """The first ``batch_size`` envs to finish (fewer if fewer are outstanding)."""
-        self.pool.caller.stop()
+        self.pool.parent_time.enter()
         try:
             return self._recv(batch_size, timeout)
-        finally:
-            if self.in_flight or self.awaiting:  # the caller computes while these step
-                self.pool.caller.start()
+        finally:  # with envs still in flight, the caller computes while they step
+            self.pool.parent_time.leave(bool(self.in_flight or self.awaiting))
 
     def _recv(self, batch_size: int, timeout: float | None) -> tuple[Any, ...]:
         want = min(batch_size, self.outstanding)
@@ -200,7 +199,7 @@ class PartialBatches:
         """Wait until no env is in flight or awaiting its reply, then forget every
         outstanding env (``close``); raises ``multiprocessing.TimeoutError`` past
         ``timeout``."""
-        self.pool.caller.stop()
+        self.pool.parent_time.enter()  # the pool's own time to the end (close follows)
         deadline = None if timeout is None else time.monotonic() + timeout
         next_check = time.monotonic() + WAIT_SLICE
         while self.in_flight or self.awaiting:

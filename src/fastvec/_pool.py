@@ -33,7 +33,7 @@ from fastvec import _segment as S
 from fastvec._deaths import RESTARTABLE, WorkerDeaths
 from fastvec._info_rows import InfoRows
 from fastvec._launch import Launcher
-from fastvec._load import CallerClock, CallerShare, Contention, MachineLoad
+from fastvec._load import CallerShare, Contention, MachineLoad, ParentTime
 from fastvec._local import LocalGroup, LocalPipe
 from fastvec._placement import Placement
 from fastvec._processes import (
@@ -99,20 +99,13 @@ class WorkerPool(WorkerDeaths):
         # pin_workers=None: pinned while the machine is calm, if there is a core per worker,
         # and kept off the cores the parent's own computing needs (see fastvec._placement)
         self.placement = Placement(self._cores, self.num_workers, pin_workers)
-        # the parent's CPU seconds inside waits (spinning is the pool's own, not other work)
-        # and between a synchronous command's wait and the next command (the workers idle
-        # then, so the caller's computing does not compete with them); _cpu_mark: the
-        # thread's CPU time when the last wait ended; _rung_at: when the last synchronous
-        # command was sent (the caller's time from there to its wait is not the pool's)
-        self.waiting_cpu = 0.0
-        self._cpu_mark = time.thread_time()
-        self._rung_at = time.monotonic()
+        # the parent's time: the pool's own, and the caller's computing while envs are in
+        # flight (see ParentTime; enter and leave mark the pool's calls)
+        self.parent_time = ParentTime()
         self.contention = Contention(
-            MachineLoad(self._cores, self._worker_pids, lambda: self.waiting_cpu)
+            MachineLoad(self._cores, self._worker_pids, lambda: self.parent_time.own)
             if self._cores else None)
-        # the parent's computing while envs are in flight, outside the pool's calls
-        self.caller = CallerClock()
-        self.caller_share = CallerShare(self.caller if self._cores else None,
+        self.caller_share = CallerShare(self.parent_time if self._cores else None,
                                         len(self._cores) - 1)
         self.resources = res = Resources()
         res.plan = plan
@@ -236,7 +229,7 @@ class WorkerPool(WorkerDeaths):
         """Send ``command`` to every worker (with one request each), writing ``slot``."""
         # pickled before any doorbell rings: a request that cannot be pickled raises here,
         # with no worker left waiting for it
-        self.caller.stop()
+        self.parent_time.enter()
         payloads = None
         if requests is not None:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
@@ -254,8 +247,7 @@ class WorkerPool(WorkerDeaths):
         self._wake([w for w in range(self.num_workers) if self._publish(w, seqs[w])])
         if payloads is not None:
             self._send_payloads(dict(enumerate(payloads)))
-        self._rung_at = time.monotonic()
-        self.caller.start()  # until the wait: the caller computes while the workers step
+        self.parent_time.leave(True)  # until the wait: the caller computes while they step
 
     def _publish(self, w: int, seq: int) -> bool:
         """Ring worker ``w``'s doorbell with its last entry ``seq``; True if it has to be
@@ -295,13 +287,19 @@ class WorkerPool(WorkerDeaths):
         the other workers are done, then the dead ones are replaced (see ``_replace_lost``).
         On ``multiprocessing.TimeoutError`` the command stays pending: wait again.
         """
-        self.caller.stop()
+        self.parent_time.enter()
+        try:
+            replies = self._wait(timeout, name)
+        except BaseException:
+            self.parent_time.leave(True)  # pending (a timeout), or the pool is broken
+            raise
+        self.parent_time.leave(False)
+        return replies
+
+    def _wait(self, timeout: float | None, name: str) -> list[M.Reply | None]:
         start = time.monotonic()
-        # the caller's computing while the command was in flight (wall time: it is short, or
-        # it competed with the workers, which is what it is counted as)
-        caller = max(0.0, start - self._rung_at)
         deadline = None if timeout is None else start + timeout
-        if self.serve_local(account=False) and deadline is not None and time.monotonic() > deadline:
+        if self.serve_local() and deadline is not None and time.monotonic() > deadline:
             # the parent's own group took longer than the timeout: the call stays pending
             # (its results are kept; the next wait returns them), as if a worker had
             raise multiprocessing.TimeoutError(
@@ -334,11 +332,6 @@ class WorkerPool(WorkerDeaths):
                     )
                 wait = min(wait, remaining)
             doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
-        # one clock read per command: nothing was in flight before it (since the last wait
-        # the workers were idle, and whatever the caller computed took no core from them)
-        cpu = time.thread_time()
-        self.waiting_cpu += max(0.0, cpu - self._cpu_mark - caller)
-        self._cpu_mark = cpu
         if not lost:
             self._spin.record(time.monotonic() - start)
         replies: list[M.Reply | None] = [None] * self.num_workers
@@ -372,7 +365,7 @@ class WorkerPool(WorkerDeaths):
                requests: dict[int, M.Request] | None = None, slot: int = 0) -> None:
         """Queue one partial entry per worker for its envs in ``by_worker`` (and send its
         request); each env is then marked done on its own (see :meth:`finished`)."""
-        self.caller.stop()
+        self.parent_time.enter()
         payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
                     if requests is not None else None)
         self._adapt()
@@ -392,7 +385,7 @@ class WorkerPool(WorkerDeaths):
         self._wake([w for w in by_worker if self._publish(w, self._seq[w])])
         if payloads is not None:
             self._send_payloads(payloads)
-        self.caller.start()  # until the next call: envs are in flight
+        self.parent_time.leave(True)  # until the next call: envs are in flight
 
     def finished(self, env_ids: Sequence[int]) -> list[tuple[int, bool]]:
         """Those of ``env_ids`` (submitted, not yet seen done) whose results are in the
@@ -415,12 +408,10 @@ class WorkerPool(WorkerDeaths):
                         (completed + max(1, need)) & 0xFFFFFFFF)
         doorbells.store(waiting, 1)
         try:
-            start, cpu = time.monotonic(), time.thread_time()
+            start = time.monotonic()
             doorbells.wait_while_equal(self._completed, completed, timeout,
                                        self._spin_budget(), True)
             self._spin.record(time.monotonic() - start)
-            self._cpu_mark = time.thread_time()
-            self.waiting_cpu += self._cpu_mark - cpu
         finally:
             doorbells.store(waiting, 0)
 
@@ -461,20 +452,14 @@ class WorkerPool(WorkerDeaths):
             return self.local.pipe
         return self.resources.pipes[w]
 
-    def serve_local(self, account: bool = True) -> bool:
+    def serve_local(self) -> bool:
         """Step the parent's group through every entry queued for it (the parent would
-        otherwise wait); return whether there was any. Its CPU time is the pool's own:
-        ``account=False`` when the caller counts it already (a synchronous wait)."""
+        otherwise wait); return whether there was any. It runs inside the pool's calls, so
+        its CPU time is the pool's own (see :class:`ParentTime`)."""
         local = self.local
         if local is None:
             return False
-        if not account:
-            return local.serve(self._seq[self.remote])
-        cpu = time.thread_time()
-        try:
-            return local.serve(self._seq[self.remote])
-        finally:
-            self.waiting_cpu += time.thread_time() - cpu
+        return local.serve(self._seq[self.remote])
 
     def allocate_scratch(self) -> None:
         """Allocate the scratch slot's pages before a command first writes it (once)."""
