@@ -53,6 +53,27 @@ def test_the_parent_time_splits_into_the_pools_own_and_the_callers():
     assert (parent.own, parent.caller) == (3.75, 0.25)
 
 
+def test_a_call_from_another_thread_counts_nothing_for_the_time_between():
+    """Two threads' CPU clocks cannot be compared: the interval between calls made on
+    different threads is dropped, and the next thread goes on from its own clock."""
+    clocks = {"a": 0.0, "b": 500.0}
+    current = {"thread": "a"}
+    parent = ParentTime(lambda: clocks[current["thread"]],
+                        lambda: hash(current["thread"]))
+    parent.enter()
+    clocks["a"] = 1.0
+    parent.leave(True)  # thread a: 1 s inside the call
+    current["thread"] = "b"  # another thread makes the next call, its clock far ahead
+    parent.enter()
+    assert (parent.own, parent.caller) == (1.0, 0.0)
+    clocks["b"] = 500.5
+    parent.leave(True)  # its own call counts from its own clock
+    assert (parent.own, parent.caller) == (1.5, 0.0)
+    clocks["b"] = 500.75
+    parent.enter()  # the same thread again: its computing in between is the caller's
+    assert parent.caller == 0.25
+
+
 def test_the_parent_time_is_the_calling_threads_cpu_time_by_default():
     parent = ParentTime()
     parent.enter()
@@ -137,8 +158,14 @@ def test_automatic_placement_follows_the_machine():
 
 
 def test_automatic_placement_pins_only_one_worker_per_core():
-    assert [Placement([0, 1], 1, None).cores_of(0)] == [None]
-    assert [Placement([0, 1], 3, None).cores_of(w) for w in range(3)] == [None] * 3
+    """With any other count of workers the scheduler places them, as with pin_workers=False:
+    neither calm, contention nor a computing parent moves them."""
+    for workers in (1, 3):
+        placement = Placement([0, 1], workers, None)
+        assert not placement.automatic
+        for contended, reserved in ((False, 0), (True, 0), (False, 1)):
+            placement.contended, placement.reserved = contended, reserved
+            assert [placement.cores_of(w) for w in range(workers)] == [None] * workers
     assert Placement([], 2, None).cores_of(0) is None  # no affinity here (not Linux)
     assert not Placement([], 2, None).automatic
 
@@ -224,12 +251,14 @@ def test_a_worker_replaced_while_a_core_is_left_to_the_parent_starts_off_it():
         _scripted(envs, [1.0])
         _cycle(envs, 2)
         assert _affinities(envs) == [set(CORES[:-1])] * n
-        old = envs._pool.resources.processes[0].pid
+        # the last worker: pinned one per core it would have had the last core, the one
+        # left to the parent (the first worker's own core is among the workers' cores)
+        old = envs._pool.resources.processes[-1].pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
         with pytest.warns(UserWarning, match="restarted it"):
             _cycle(envs, 4)
-        assert envs._pool.resources.processes[0].pid != old
+        assert envs._pool.resources.processes[-1].pid != old
         assert _affinities(envs) == [set(CORES[:-1])] * n
 
 

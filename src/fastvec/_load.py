@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -173,22 +174,34 @@ class ParentTime:
     Only the calling thread is timed (``time.thread_time``): the parent's other threads (a
     learner's, a policy's BLAS pool) are other work to :class:`MachineLoad`, and a policy
     computing on several threads is seen by its share on the calling one. Entering twice
-    (a call inside a call) or leaving twice counts once.
+    (a call inside a call) or leaving twice counts once. A call from another thread than
+    the last one's counts nothing for the time between them (the two threads' clocks cannot
+    be compared) and goes on from its own thread's clock.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.thread_time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.thread_time,
+                 thread: Callable[[], int] = threading.get_ident) -> None:
         self.clock = clock
+        self.thread = thread
         self.own = 0.0
         self.caller = 0.0
         self._inside = False
         self._in_flight = False
         self._mark = clock()
+        self._marked_by = thread()
+
+    def _elapsed(self) -> tuple[float, float]:
+        """(now, seconds since the mark on this thread; 0 if another thread set the mark)."""
+        now, thread = self.clock(), self.thread()
+        if thread != self._marked_by:
+            self._marked_by = thread
+            return now, 0.0
+        return now, max(0.0, now - self._mark)
 
     def enter(self) -> None:
         if self._inside:
             return
-        now = self.clock()
-        elapsed = max(0.0, now - self._mark)
+        now, elapsed = self._elapsed()
         if self._in_flight:
             self.caller += elapsed
         else:
@@ -198,8 +211,8 @@ class ParentTime:
     def leave(self, in_flight: bool) -> None:
         if not self._inside:
             return
-        now = self.clock()
-        self.own += max(0.0, now - self._mark)
+        now, elapsed = self._elapsed()
+        self.own += elapsed
         self._inside, self._in_flight, self._mark = False, in_flight, now
 
 

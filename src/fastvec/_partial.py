@@ -99,6 +99,11 @@ class PartialBatches:
         and writing the actions are the pool's own time; :meth:`send` ends the call)."""
         self.pool.parent_time.enter()
 
+    def call_failed(self) -> None:
+        """A ``send`` or ``async_reset`` raised: the call ends here, with whatever was in
+        flight before it still in flight."""
+        self.pool.parent_time.leave(bool(self.in_flight or self.awaiting))
+
     def split_actions(self, actions: Any, ids: list[int]) -> list[Any]:
         """One action per env of ``ids``, split by Gymnasium's ``iterate``."""
         space = self._action_spaces.get(len(ids))

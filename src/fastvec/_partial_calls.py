@@ -61,8 +61,15 @@ class PartialBatchCalls:
         """
         self._assert_is_running()
         self._assert_no_call("send")
+        self._partial.call_begins()
+        try:
+            self._send(actions, env_ids)
+        except BaseException:
+            self._partial.call_failed()
+            raise
+
+    def _send(self, actions: Any, env_ids: Any) -> None:
         partial = self._partial
-        partial.call_begins()
         ids = partial.env_ids(env_ids)
         busy = partial.busy(ids)
         if busy:
@@ -102,6 +109,14 @@ class PartialBatchCalls:
         """
         self._assert_is_running()
         self._partial.call_begins()
+        try:
+            self._async_reset(seed, options, env_ids)
+        except BaseException:
+            self._partial.call_failed()
+            raise
+
+    def _async_reset(self, seed: int | list[int | None] | None,
+                     options: dict[str, Any] | None, env_ids: Any) -> None:
         seeds = A.seeds(seed, self.num_envs)
         if options is not None and "reset_mask" in options:
             raise ValueError("`async_reset` resets every env (or `env_ids`): "

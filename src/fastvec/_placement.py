@@ -1,7 +1,9 @@
 """Which cores each worker of a pool runs on.
 
 With ``pin_workers=True`` every worker is pinned to one core (round robin), with ``False``
-none is. The default (``None``) follows the machine, as :mod:`fastvec._load` judges it:
+none is. The default (``None``) follows the machine, as :mod:`fastvec._load` judges it, when
+there is one worker per usable core (with any other count it leaves the workers to the
+scheduler, as ``False`` does):
 
 - calm, with one worker per usable core: each worker pinned to its own core, which keeps its
   caches and its hand-offs on one core;
@@ -27,9 +29,9 @@ class Placement:
                  pin_workers: bool | None) -> None:
         self.cores = sorted(cores)
         self.pin_workers = pin_workers
-        #: the placement follows the machine (pin_workers=None)
-        self.automatic = pin_workers is None and bool(self.cores)
-        self._one_per_core = num_workers == len(self.cores)
+        #: the placement follows the machine (pin_workers=None, one worker per usable core)
+        self.automatic = (pin_workers is None and bool(self.cores)
+                          and num_workers == len(self.cores))
         #: other work takes the cores (see fastvec._load.Contention)
         self.contended = False
         #: cores left to the parent (see fastvec._load.CallerShare)
@@ -42,12 +44,12 @@ class Placement:
             return None
         if self.pin_workers:
             return frozenset({cores[w % len(cores)]})
+        if not self.automatic:
+            return None
         reserved = min(self.reserved, len(cores) - 1)
         if reserved > 0:
             return frozenset(cores[:len(cores) - reserved])
-        if self._one_per_core and not self.contended:
-            return frozenset({cores[w]})
-        return None
+        return None if self.contended else frozenset({cores[w]})
 
     def apply(self, pids: Sequence[int | None]) -> None:
         """Move the running workers (``pids[w]``: worker ``w``'s, None if it has none) to

@@ -229,12 +229,12 @@ class WorkerPool(WorkerDeaths):
         """Send ``command`` to every worker (with one request each), writing ``slot``."""
         # pickled before any doorbell rings: a request that cannot be pickled raises here,
         # with no worker left waiting for it
-        self.parent_time.enter()
         payloads = None
         if requests is not None:
             cache: dict[int, Any] = {}  # call sends one request object to every worker
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
+        self.parent_time.enter()  # after anything that can raise: nothing can, from here
         self._adapt()
         doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
@@ -290,8 +290,9 @@ class WorkerPool(WorkerDeaths):
         self.parent_time.enter()
         try:
             replies = self._wait(timeout, name)
-        except BaseException:
-            self.parent_time.leave(True)  # pending (a timeout), or the pool is broken
+        except BaseException as exc:
+            # a timeout leaves the command pending; anything else ends it
+            self.parent_time.leave(isinstance(exc, multiprocessing.TimeoutError))
             raise
         self.parent_time.leave(False)
         return replies
@@ -365,9 +366,9 @@ class WorkerPool(WorkerDeaths):
                requests: dict[int, M.Request] | None = None, slot: int = 0) -> None:
         """Queue one partial entry per worker for its envs in ``by_worker`` (and send its
         request); each env is then marked done on its own (see :meth:`finished`)."""
-        self.parent_time.enter()
         payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
                     if requests is not None else None)
+        self.parent_time.enter()
         self._adapt()
         store, mask, sent = self.doorbells.store, self._mask, self._sent
         for w, ids in by_worker.items():

@@ -113,7 +113,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
         queueing two workers on one core while another core spins, and only while other
         work leaves the machine calm (see the README's "On a busy machine"); while the
         caller computes during steps (a double-buffered policy), the workers are kept off
-        the last usable core, which the caller then has to itself. Processes and threads
+        the last usable core, which the scheduler can then give the caller. Processes and threads
         that an environment starts inherit the pin; pass ``False`` for such environments.
     restart_workers
         Replace a worker process that dies (a crash inside a C extension, the OOM killer, a
