@@ -287,3 +287,19 @@ def test_a_parent_computing_while_envs_step_is_measured_and_gets_a_core():
             _cycle(envs, 40)
             time.sleep(CallerShare.INTERVAL)  # idle, not computing: no share
         assert _affinities(envs) == [{c} for c in CORES]
+
+
+@linux
+@two_cores
+@pytest.mark.parametrize("kwargs", [{"pin_workers": False}, {"pin_workers": True},
+                                    {"num_workers": 1}])
+def test_where_the_placement_is_fixed_the_parents_computing_is_not_sampled(kwargs):
+    """Pinning chosen by the caller, or another worker count than one per core: nothing
+    follows the caller's share, so it is not measured (no share, nothing reserved)."""
+    fns = [lambda: gym.make("CartPole-v1")] * (2 * len(CORES))
+    with fastvec.AsyncVectorEnv(fns, batch_size=len(CORES), **kwargs) as envs:
+        share = envs._pool.caller_share
+        deadline = time.monotonic() + 3 * CallerShare.INTERVAL
+        while time.monotonic() < deadline:
+            _cycle(envs, 10, compute=0.005)
+        assert share.share is None and share.reserved == 0

@@ -105,8 +105,9 @@ class WorkerPool(WorkerDeaths):
         self.contention = Contention(
             MachineLoad(self._cores, self._worker_pids, lambda: self.parent_time.own)
             if self._cores else None)
-        self.caller_share = CallerShare(self.parent_time if self._cores else None,
-                                        len(self._cores) - 1)
+        # sampled only where the placement follows it
+        self.caller_share = CallerShare(
+            self.parent_time if self.placement.automatic else None, len(self._cores) - 1)
         self.resources = res = Resources()
         res.plan = plan
         res.shm = _memory.create(plan.nbytes, lazy_tail=scratch_bytes)
