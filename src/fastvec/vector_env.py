@@ -1,8 +1,9 @@
 """fastvec.AsyncVectorEnv: Gymnasium's AsyncVectorEnv as a thin face over a worker pool.
 
 This module holds Gymnasium's API and semantics: argument checks, the call states
-(:class:`AsyncState`, owned here only), the spaces, the observation slots handed to the
-caller, info batching and the wording of every error. Processes, doorbells and waiting are the
+(:class:`AsyncState`, owned here only), the spaces, info batching and the wording of every
+error. The observation batches handed to the caller are
+:class:`fastvec._observations.ObservationSlots`; processes, doorbells and waiting are the
 pool's (:mod:`fastvec._pool`). ``call``, ``get_attr``, ``set_attr`` and ``render`` come from
 the base class :class:`fastvec._env_calls.EnvCalls`, whose pending call is kept here; the
 partial-batch calls ``send``, ``async_reset`` and ``recv`` from
@@ -15,7 +16,6 @@ import multiprocessing
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from copy import deepcopy
 from enum import Enum
 from operator import itemgetter
 from typing import Any, Literal
@@ -30,15 +30,12 @@ from gymnasium.error import (
     NoAsyncCallError,
 )
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import (
-    concatenate,
-    create_empty_array,
-    iterate,
-)
+from gymnasium.vector.utils import iterate
 
 from fastvec import _arguments as A
 from fastvec import _messages as M
 from fastvec._env_calls import EnvCalls
+from fastvec._observations import ObservationSlots, scratch_bytes, slots_needed
 from fastvec._partial import PartialBatches
 from fastvec._partial_calls import PartialBatchCalls
 from fastvec._pool import WorkerPool, finalize, usable_cores
@@ -48,9 +45,6 @@ from fastvec.errors import OversubscribedWarning, WorkerDiedError, invalid_actio
 
 __all__ = ["AsyncState", "AsyncVectorEnv"]
 
-
-# Observation slots handed out with copy=True before falling back to copying (plus one scratch).
-RECYCLED_SLOTS = 2
 
 # Seconds a worker may spend on one step of its start (see ``start_timeout``): simulators and
 # first-run asset downloads can legitimately take minutes per env.
@@ -249,7 +243,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
                 self.num_envs, self.num_workers + self.parent_group, self.single_action_space,
                 self.single_observation_space if shared_memory else None,
                 check_obs_range=observation_mode == "same",
-                observation_slots=RECYCLED_SLOTS + 1 if copy else 1,
+                observation_slots=slots_needed(copy),
             )
         except CustomSpaceError as exc:
             raise ValueError(
@@ -257,25 +251,14 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
                 "this feature with `shared_memory=False` however this is slower."
             ) from exc
         self._plan = plan
-        # the observation slot the last reset/step wrote, and whether it must be copied out
-        self._slot = 0
-        self._copy_out = not copy
-        self.observations: Any = None
-        self._pipe_obs: list[Any] = []
-        if not shared_memory:
-            self.observations = create_empty_array(self.single_observation_space,
-                                                   n=self.num_envs, fn=np.zeros)
-            self._pipe_obs = [None] * self.num_envs
-
-        slots = plan.observation_slots
-        # copy=True's scratch slot ends the segment: allocated only when a step first needs it
-        scratch = plan.nbytes - slots[RECYCLED_SLOTS].offset if len(slots) > 1 else 0
         self._pool = pool = WorkerPool(
-            env_fns, plan, scratch, context=context, daemon=daemon,
+            env_fns, plan, scratch_bytes(plan), context=context, daemon=daemon,
             autoreset_mode=self.autoreset_mode, max_concurrency=max_concurrency,
             pin_workers=self.pin_workers, restart_workers=self.restart_workers,
             start_timeout=self.start_timeout, parent_group=self.parent_group)
         self._groups = pool.groups
+        self._obs = ObservationSlots(plan, self.single_observation_space, self.num_envs, copy,
+                                     pool.allocate_scratch)
         self._partial = PartialBatches(pool, self.single_observation_space,
                                        self.single_action_space, self.autoreset_mode,
                                        self.restart_workers)
@@ -298,6 +281,13 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
             raise
 
     # -- properties ------------------------------------------------------------------------
+    @property
+    def observations(self) -> Any:
+        """Without shared memory, the batch the last reset or step returned (before any
+        copy), as Gymnasium's ``AsyncVectorEnv.observations``; ``None`` with shared memory,
+        whose batches are read from the segment's slots."""
+        return self._obs.batch
+
     # one per sub-environment, as Gymnasium's AsyncVectorEnv gives them (not VectorEnv's one)
     @property
     def np_random_seed(self) -> tuple[int, ...]:  # type: ignore[override]
@@ -311,22 +301,8 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
 
     # -- the doorbell protocol -------------------------------------------------------------
     def _choose_slot(self) -> int:
-        """Pick the observation slot the next reset/step writes.
-
-        With ``copy=True`` the arrays of a slot are handed to the caller as they are, so a slot
-        is written again only once nothing refers to it; if the caller holds every recycled
-        slot, the step goes to the scratch slot and is copied out.
-        """
-        slots = self._plan.observation_slots
-        if len(slots) <= 1:
-            return 0
-        for slot in range(RECYCLED_SLOTS):
-            if not slots[slot].in_use():
-                self._copy_out = False
-                return slot
-        self._pool.allocate_scratch()
-        self._copy_out = True
-        return RECYCLED_SLOTS
+        """The observation slot the next partial call writes (see :class:`ObservationSlots`)."""
+        return self._obs.choose()
 
     def _wait(self, timeout: float | None, name: str) -> list[M.Reply | None]:
         """The pool's replies to the pending command; a death ends the pending call."""
@@ -398,15 +374,14 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
                     None if mask is None else [bool(m) for m in mask[g.start:g.stop]])
             for g in self._groups
         ]
-        self._slot = self._choose_slot()
-        self._pool.ring(M.Command.REQUEST, requests, self._slot)
+        self._pool.ring(M.Command.REQUEST, requests, self._obs.begin())
         self._state = AsyncState.WAITING_RESET
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
         """Wait for the reset sent by :meth:`reset_async` and return ``(observations, infos)``."""
         infos, errors = self._collect(AsyncState.WAITING_RESET, "reset_async", timeout)
         self._raise_errors(errors)
-        return self._observations(), infos
+        return self._obs.read(), infos
 
     # -- step ------------------------------------------------------------------------------
     def step(self, actions: Any, env_ids: Any = None
@@ -443,16 +418,14 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
         if layout is None:  # no layout for the action space: pickled, as in Gymnasium
             per_env = self._iterate_actions(actions)
             requests = [M.Step(per_env[g.start:g.stop]) for g in self._groups]
-            self._slot = self._choose_slot()
-            self._pool.ring(M.Command.REQUEST, requests, self._slot)
+            self._pool.ring(M.Command.REQUEST, requests, self._obs.begin())
         else:
             try:
                 layout.write_batch(actions)
             except ValueError as exc:
                 raise invalid_actions(str(exc), _gymnasium_refusal(
                     self.action_space, actions, self.num_envs)) from None
-            self._slot = self._choose_slot()
-            self._pool.ring(M.Command.STEP, slot=self._slot)
+            self._pool.ring(M.Command.STEP, slot=self._obs.begin())
         self._state = AsyncState.WAITING_STEP
 
     def _iterate_actions(self, actions: Any) -> list[Any]:
@@ -483,7 +456,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
             infos = self._report_replaced(replaced, infos, errors)
         self._raise_errors(errors)
         rewards, terminations, truncations = self._pool.results
-        return (self._observations(), rewards.copy(), terminations.copy(),
+        return (self._obs.read(), rewards.copy(), terminations.copy(),
                 truncations.copy(), infos)
 
     def _collect(self, state: AsyncState, started_by: str, timeout: float | None,
@@ -510,7 +483,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
                 continue
             per_env.extend(reply.infos)
             errors.extend(reply.errors)
-            self._store_pipe_obs(reply.observations)
+            self._obs.store_pipe(reply.observations)
         info_rows = self._pool.info_rows
         if rows and info_rows.learned:
             if not per_env and info_rows.learned == self.num_envs:
@@ -541,22 +514,8 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
                 infos = self._add_info(infos, {**reset_infos.get(i, {}), "worker_restarted": True},
                                        i)
             errors.extend(reply.errors)
-            self._store_pipe_obs(reply.observations)
+            self._obs.store_pipe(reply.observations)
         return infos
-
-    def _store_pipe_obs(self, pipe_obs: list[tuple[int, Any]]) -> None:
-        for i, obs in pipe_obs:
-            self._pipe_obs[i] = obs
-
-    def _observations(self) -> Any:
-        slots = self._plan.observation_slots
-        if slots:
-            return slots[self._slot].read_batch(copy=self._copy_out and self.copy)
-        if any(obs is None for obs in self._pipe_obs):
-            return deepcopy(self.observations) if self.copy else self.observations
-        self.observations = concatenate(self.single_observation_space, self._pipe_obs,
-                                        self.observations)
-        return deepcopy(self.observations) if self.copy else self.observations
 
     # -- call, get_attr, set_attr, render (fastvec._env_calls): their call state -----------
     def _call_sent(self, ids: list[int] | None) -> None:
