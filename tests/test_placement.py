@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastvec
-from fastvec._load import CallerShare, ParentTime
+from fastvec._load import CallerShare, Contention, ParentTime
 from fastvec._placement import Placement
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets affinities")
@@ -72,6 +72,46 @@ def test_a_call_from_another_thread_counts_nothing_for_the_time_between():
     clocks["b"] = 500.75
     parent.enter()  # the same thread again: its computing in between is the caller's
     assert parent.caller == 0.25
+
+
+def test_the_clock_is_read_only_where_the_callers_computing_begins_and_ends():
+    reads = []
+
+    def clock() -> float:
+        reads.append(None)
+        return float(len(reads))
+
+    parent = ParentTime(clock)
+    reads.clear()
+    parent.enter()
+    parent.leave(False)  # nothing in flight before or after: no read
+    assert not reads
+    parent.enter()
+    parent.leave(True)  # the caller's time begins: one read
+    parent.enter()  # and ends: one read
+    parent.leave(False)
+    assert len(reads) == 2
+    assert parent.caller == 1.0
+
+
+def test_a_synchronous_step_reads_the_parents_clock_twice():
+    with fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2) as envs:
+        envs.reset(seed=0)
+        parent = envs._pool.parent_time
+        reads = []
+        clock = parent.clock
+
+        def counted() -> float:
+            reads.append(None)
+            return clock()
+
+        parent.clock = counted
+        actions = np.zeros(2, np.int64)
+        start = time.monotonic()
+        for _ in range(200):
+            envs.step(actions)
+        samples = 2 + int((time.monotonic() - start) / Contention.INTERVAL)  # own, sampled
+        assert 400 <= len(reads) <= 400 + samples
 
 
 def test_the_parent_time_is_the_calling_threads_cpu_time_by_default():

@@ -175,45 +175,67 @@ class ParentTime:
     learner's, a policy's BLAS pool) are other work to :class:`MachineLoad`, and a policy
     computing on several threads is seen by its share on the calling one. Entering twice
     (a call inside a call) or leaving twice counts once. A call from another thread than
-    the last one's counts nothing for the time between them (the two threads' clocks cannot
-    be compared) and goes on from its own thread's clock.
+    the last one's counts nothing since the last clock read on that thread (the two
+    threads' clocks cannot be compared) and goes on from its own thread's clock.
+
+    The clock is read only where the caller's computing begins (leaving with envs in
+    flight) and ends (the next call), and when :attr:`own` is read: the pool's own time is
+    the rest of the thread's. A synchronous step reads it twice, a ``send``/``recv`` cycle
+    about as often (``thread_time`` is a system call, about 1 µs here).
     """
 
     def __init__(self, clock: Callable[[], float] = time.thread_time,
                  thread: Callable[[], int] = threading.get_ident) -> None:
         self.clock = clock
         self.thread = thread
-        self.own = 0.0
         self.caller = 0.0
         self._inside = False
-        self._in_flight = False
-        self._mark = clock()
-        self._marked_by = thread()
+        self._in_flight = False  # since the last leave (outside a call: the caller's time)
+        self._own_before = 0.0  # own seconds on the threads before this one
+        now = clock()
+        self._origin = now  # this thread's clock when the accounting moved to it
+        self._caller_here = 0.0  # the caller's seconds on this thread
+        self._last = now  # this thread's clock at the last read
+        self._last_leave = now  # the last leave with envs in flight, on this thread's clock
+        self._thread = thread()
 
-    def _elapsed(self) -> tuple[float, float]:
-        """(now, seconds since the mark on this thread; 0 if another thread set the mark)."""
+    def _read(self) -> tuple[float, bool]:
+        """(now on this thread's clock, whether the accounting just moved to this thread:
+        the time since the last read, on another clock, then counts for nobody)."""
         now, thread = self.clock(), self.thread()
-        if thread != self._marked_by:
-            self._marked_by = thread
-            return now, 0.0
-        return now, max(0.0, now - self._mark)
+        if thread != self._thread:
+            self._own_before += self._last - self._origin - self._caller_here
+            self._thread, self._origin, self._caller_here, self._last = thread, now, 0.0, now
+            self._last_leave = now  # a caller's interval goes on from this clock
+            return now, True
+        self._last = now = max(now, self._last)
+        return now, False
+
+    @property
+    def own(self) -> float:
+        """CPU seconds of the pool's own so far (every second not the caller's)."""
+        now, _ = self._read()
+        if self._in_flight and not self._inside:  # the caller computing since the last read
+            now = self._last_leave
+        return self._own_before + now - self._origin - self._caller_here
 
     def enter(self) -> None:
         if self._inside:
             return
-        now, elapsed = self._elapsed()
-        if self._in_flight:
-            self.caller += elapsed
-        else:
-            self.own += elapsed
-        self._inside, self._mark = True, now
+        self._inside = True
+        if self._in_flight:  # the caller's computing ends
+            now, moved = self._read()
+            if not moved:
+                elapsed = now - self._last_leave
+                self.caller += elapsed
+                self._caller_here += elapsed
 
     def leave(self, in_flight: bool) -> None:
         if not self._inside:
             return
-        now, elapsed = self._elapsed()
-        self.own += elapsed
-        self._inside, self._in_flight, self._mark = False, in_flight, now
+        self._inside, self._in_flight = False, in_flight
+        if in_flight:  # the caller's computing begins
+            self._last_leave, _ = self._read()
 
 
 class CallerShare:
