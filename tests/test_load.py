@@ -143,18 +143,18 @@ def test_the_pool_unpins_and_stops_spinning_while_the_machine_is_busy(batch_size
     fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
     with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=batch_size) as envs:
         pool = envs._pool
-        pool.contention.load = ScriptedLoad([])  # type: ignore[assignment]  # no opinion yet
+        pool.machine.contention.load = ScriptedLoad([])  # type: ignore[assignment]  # no opinion yet
         spin_word = pool.plan.parent_line + S.SPIN
         envs.reset(seed=0)
         assert _affinities(envs) == [{CORES[w]} for w in range(n)]
         assert pool.doorbells.load(spin_word) == 1
-        pool.contention.load = ScriptedLoad([2.0])  # type: ignore[assignment]
-        _step_until(envs, lambda: pool.contention.contended)
+        pool.machine.contention.load = ScriptedLoad([2.0])  # type: ignore[assignment]
+        _step_until(envs, lambda: pool.machine.contention.contended)
         assert _affinities(envs) == [set(CORES)] * n
         assert pool.doorbells.load(spin_word) == 0
-        assert pool._spin_budget() == 0.0
-        pool.contention.load = ScriptedLoad([0.0, 0.0])  # type: ignore[assignment]
-        _step_until(envs, lambda: not pool.contention.contended)
+        assert pool.machine.spin_budget() == 0.0
+        pool.machine.contention.load = ScriptedLoad([0.0, 0.0])  # type: ignore[assignment]
+        _step_until(envs, lambda: not pool.machine.contention.contended)
         assert _affinities(envs) == [{CORES[w]} for w in range(n)]
         assert pool.doorbells.load(spin_word) == 1
 
@@ -165,11 +165,11 @@ def test_workers_pinned_or_not_by_request_stay_so_on_a_busy_machine():
     for pin in (True, False):
         with fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * n, num_workers=n,
                                     pin_workers=pin) as envs:
-            envs._pool.contention.load = ScriptedLoad([])  # type: ignore[assignment]
+            envs._pool.machine.contention.load = ScriptedLoad([])  # type: ignore[assignment]
             envs.reset(seed=0)
             before = _affinities(envs)
-            envs._pool.contention.load = ScriptedLoad([2.0])  # type: ignore[assignment]
-            _step_until(envs, lambda: envs._pool.contention.contended)
+            envs._pool.machine.contention.load = ScriptedLoad([2.0])  # type: ignore[assignment]
+            _step_until(envs, lambda: envs._pool.machine.contention.contended)
             assert _affinities(envs) == before
             assert before == ([{CORES[w]} for w in range(n)] if pin else [set(CORES)] * n)
 
@@ -182,8 +182,8 @@ def test_more_workers_than_cores_warns_and_shares_the_bell():
                                       num_workers=n + 1)
     with envs:
         pool = envs._pool
-        pool.contention.load = ScriptedLoad([])  # type: ignore[assignment]  # no opinion
-        assert not pool.contention.contended  # judged by the load like any pool
+        pool.machine.contention.load = ScriptedLoad([])  # type: ignore[assignment]  # no opinion
+        assert not pool.machine.contention.contended  # judged by the load like any pool
         assert pool.doorbells.load(pool.plan.parent_line + S.BROADCAST) == 1
         assert _affinities(envs) == [set(CORES)] * (n + 1)  # never pinned
         envs.reset(seed=0)

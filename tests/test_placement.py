@@ -243,8 +243,8 @@ def _cycle(envs: fastvec.AsyncVectorEnv, cycles: int, compute: float = 0.0) -> N
 
 def _scripted(envs: fastvec.AsyncVectorEnv, script: list[float]) -> None:
     pool = envs._pool
-    pool.contention.check = lambda now: False  # type: ignore[method-assign]  # calm
-    pool.caller_share = ScriptedShare(script, len(CORES) - 1)
+    pool.machine.contention.check = lambda now: False  # type: ignore[method-assign]  # calm
+    pool.machine.caller_share = ScriptedShare(script, len(CORES) - 1)
 
 
 @linux
@@ -256,10 +256,10 @@ def test_workers_leave_the_last_core_to_a_computing_parent_and_come_back():
         _scripted(envs, [])
         _cycle(envs, 2)
         assert _affinities(envs) == [{c} for c in CORES]  # calm: pinned one per core
-        envs._pool.caller_share.script = [1.0]
+        envs._pool.machine.caller_share.script = [1.0]
         _cycle(envs, 2)
         assert _affinities(envs) == [set(CORES[:-1])] * n
-        envs._pool.caller_share.script = [0.0, 0.0]
+        envs._pool.machine.caller_share.script = [0.0, 0.0]
         _cycle(envs, 3)
         assert _affinities(envs) == [{c} for c in CORES]
 
@@ -274,9 +274,9 @@ def test_workers_placed_by_request_stay_put_when_the_parent_computes():
             _scripted(envs, [])
             _cycle(envs, 1)
             before = _affinities(envs)
-            envs._pool.caller_share.script = [1.0]
+            envs._pool.machine.caller_share.script = [1.0]
             _cycle(envs, 2)
-            assert envs._pool.caller_share.reserved == 1
+            assert envs._pool.machine.caller_share.reserved == 1
             assert _affinities(envs) == before
             assert before == ([{c} for c in CORES] if pin else [set(CORES)] * n)
 
@@ -313,17 +313,17 @@ def test_a_parent_computing_while_envs_step_is_measured_and_gets_a_core():
     fns = [lambda: gym.make("CartPole-v1")] * (2 * n)
     with fastvec.AsyncVectorEnv(fns, num_workers=n, batch_size=n) as envs:
         pool = envs._pool
-        pool.contention.check = lambda now: False  # type: ignore[method-assign]  # calm
+        pool.machine.contention.check = lambda now: False  # type: ignore[method-assign]  # calm
         deadline = time.monotonic() + 20
-        while pool.caller_share.reserved == 0:
-            assert time.monotonic() < deadline, f"share seen: {pool.caller_share.share}"
+        while pool.machine.caller_share.reserved == 0:
+            assert time.monotonic() < deadline, f"share seen: {pool.machine.caller_share.share}"
             _cycle(envs, 40, compute=0.005)
-        assert pool.caller_share.share is not None
-        assert pool.caller_share.share >= CallerShare.RESERVE
+        assert pool.machine.caller_share.share is not None
+        assert pool.machine.caller_share.share >= CallerShare.RESERVE
         assert _affinities(envs) == [set(CORES[:-1])] * n
         deadline = time.monotonic() + 20
-        while pool.caller_share.reserved:
-            assert time.monotonic() < deadline, f"share seen: {pool.caller_share.share}"
+        while pool.machine.caller_share.reserved:
+            assert time.monotonic() < deadline, f"share seen: {pool.machine.caller_share.share}"
             _cycle(envs, 40)
             time.sleep(CallerShare.INTERVAL)  # idle, not computing: no share
         assert _affinities(envs) == [{c} for c in CORES]
@@ -338,7 +338,7 @@ def test_where_the_placement_is_fixed_the_parents_computing_is_not_sampled(kwarg
     follows the caller's share, so it is not measured (no share, nothing reserved)."""
     fns = [lambda: gym.make("CartPole-v1")] * (2 * len(CORES))
     with fastvec.AsyncVectorEnv(fns, batch_size=len(CORES), **kwargs) as envs:
-        share = envs._pool.caller_share
+        share = envs._pool.machine.caller_share
         deadline = time.monotonic() + 3 * CallerShare.INTERVAL
         while time.monotonic() < deadline:
             _cycle(envs, 10, compute=0.005)

@@ -50,7 +50,8 @@ FACE = {"fastvec.vector_env", "fastvec._partial", "fastvec._partial_calls",
 
 @pytest.mark.parametrize("name", ["_pool.py", "worker.py", "_worker_main.py", "_processes.py",
                                   "_launch.py", "_deaths.py", "_local.py", "_segment.py",
-                                  "layout.py", "_load.py", "_placement.py", "_waiting.py"])
+                                  "layout.py", "_load.py", "_placement.py", "_waiting.py",
+                                  "_machine.py"])
 def test_the_engine_does_not_import_the_face(name: str) -> None:
     assert not imported_modules(PACKAGE / name) & FACE
 

@@ -57,7 +57,7 @@ def test_a_worker_waits_with_the_worker_limit_and_the_pool_with_the_parents() ->
         assert served.spin.limit == WORKER_SPIN_LIMIT
     envs = fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2)
     try:
-        assert envs._pool._spin.limit == PARENT_SPIN_LIMIT
+        assert envs._pool.machine.spin.limit == PARENT_SPIN_LIMIT
     finally:
         envs.close()
 

@@ -30,7 +30,7 @@ def sleepy_env(monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> fastvec.Asy
         envs.close()
         pytest.skip("needs a core per worker (with fewer, workers share one bell)")
     pool.doorbells.store(pool.plan.parent_line + S.SPIN, 0)  # workers sleep at once
-    pool.contention.check = lambda now: False  # and stay so
+    pool.machine.contention.check = lambda now: False  # and stay so
     return envs
 
 

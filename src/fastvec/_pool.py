@@ -33,9 +33,8 @@ from fastvec import _segment as S
 from fastvec._deaths import RESTARTABLE, WorkerDeaths
 from fastvec._info_rows import InfoRows
 from fastvec._launch import Launcher
-from fastvec._load import CallerShare, Contention, MachineLoad, ParentTime
 from fastvec._local import LocalGroup, LocalPipe
-from fastvec._placement import Placement
+from fastvec._machine import MachineWatch
 from fastvec._processes import (
     Resources,
     affinity,
@@ -46,7 +45,7 @@ from fastvec._processes import (
 )
 from fastvec._remote_errors import raise_logged
 from fastvec._sync import Doorbells
-from fastvec._waiting import WAIT_SLICE, SpinBudget
+from fastvec._waiting import WAIT_SLICE
 from fastvec.layout import Segment
 
 # the process helpers are re-exported: the face and the argument checks take them from here
@@ -90,24 +89,10 @@ class WorkerPool(WorkerDeaths):
         self.restart_workers = restart_workers
         self.start_timeout = start_timeout
         super().__init__()  # no worker found dead, none replaced
-        self._spin = SpinBudget()
         self._ctx: BaseContext = multiprocessing.get_context(context)
         self._semaphore: Semaphore | None = (
             self._ctx.BoundedSemaphore(max_concurrency) if max_concurrency is not None
             else None)
-        self._cores = sorted(affinity())
-        # pin_workers=None: pinned while the machine is calm, if there is a core per worker,
-        # and kept off the cores the parent's own computing needs (see fastvec._placement)
-        self.placement = Placement(self._cores, self.num_workers, pin_workers)
-        # the parent's time: the pool's own, and the caller's computing while envs are in
-        # flight (see ParentTime; enter and leave mark the pool's calls)
-        self.parent_time = ParentTime()
-        self.contention = Contention(
-            MachineLoad(self._cores, self._worker_pids, lambda: self.parent_time.own)
-            if self._cores else None)
-        # sampled only where the placement follows it
-        self.caller_share = CallerShare(
-            self.parent_time if self.placement.automatic else None, len(self._cores) - 1)
         self.resources = res = Resources()
         res.plan = plan
         res.shm = _memory.create(plan.nbytes, lazy_tail=scratch_bytes)
@@ -121,10 +106,13 @@ class WorkerPool(WorkerDeaths):
         res.info_rows = self.info_rows = InfoRows(buffer, plan.info_rows, 0, plan.num_envs)
         self._pending = plan.parent_line + S.PENDING
         self._completed = plan.parent_line + S.COMPLETED
-        self._spin_word = plan.parent_line + S.SPIN
-        self.doorbells.store(self._spin_word, 0 if self.contention.contended else 1)
+        cores = sorted(affinity())
+        # its load, the caller's share, the workers' cores and spinning (fastvec._machine)
+        self.machine = MachineWatch(cores, self.num_workers, pin_workers, self._worker_pids,
+                                    self.doorbells, plan.parent_line)
+        self.parent_time = self.machine.parent_time  # enter and leave mark the pool's calls
         self._bell = plan.parent_line + S.BELL
-        self._broadcast = self.remote > max(1, len(self._cores))
+        self._broadcast = self.remote > max(1, len(cores))
         self.doorbells.store(plan.parent_line + S.BROADCAST, 1 if self._broadcast else 0)
         # each worker's last published entry (only the parent writes CMD_SEQ), its doorbell,
         # its queue
@@ -193,36 +181,18 @@ class WorkerPool(WorkerDeaths):
     def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None
                 ) -> tuple[BaseProcess, connection.Connection]:
         """Start the process of worker ``w`` on its cores (see :class:`Placement`)."""
-        return self._launcher.launch(w, self.placement.cores_of(w), initial_reset)
+        return self._launcher.launch(w, self.machine.placement.cores_of(w), initial_reset)
 
     def _await_start(self, workers: Sequence[int],
                      replies: bool = False) -> dict[int, list[Any]]:
         return self._launcher.await_start(workers, self.recv, replies)
 
-    # -- contention ------------------------------------------------------------------------
+    # -- the machine (fastvec._machine) ------------------------------------------------------
     def _worker_pids(self) -> list[int]:
         return [p.pid for p in self.resources.processes if p.pid is not None]
 
-    def _adapt(self) -> None:
-        """Sample the machine's load and the parent's own computing now and then; on a
-        change of mind, tell the workers whether to spin and, with automatic placement,
-        move them to their cores."""
-        now = time.monotonic()
-        contention_changed = self.contention.check(now)
-        share_changed = self.caller_share.check(now)
-        if not (contention_changed or share_changed):
-            return
-        contended = self.contention.contended
-        if contention_changed:
-            self.doorbells.store(self._spin_word, 0 if contended else 1)
-        placement = self.placement
-        placement.contended, placement.reserved = contended, self.caller_share.reserved
-        if placement.automatic:
-            placement.apply([p.pid for p in self.resources.processes])
-
-    def _spin_budget(self) -> float:
-        """How long the parent may spin before it sleeps (never on a contended machine)."""
-        return 0.0 if self.contention.contended else self._spin.budget()
+    def _process_pids(self) -> list[int | None]:
+        return [p.pid for p in self.resources.processes]
 
     # -- commands --------------------------------------------------------------------------
     def ring(self, command: M.Command, requests: Sequence[M.Request] | None = None,
@@ -236,7 +206,7 @@ class WorkerPool(WorkerDeaths):
             payloads = [cache.get(id(r)) or cache.setdefault(id(r), ForkingPickler.dumps(r))
                         for r in requests]
         self.parent_time.enter()  # after anything that can raise: nothing can, from here
-        self._adapt()
+        self.machine.adapt(self._process_pids)
         doorbells, seqs, queues, mask = self.doorbells, self._seq, self._queues, self._mask
         self._lost = set()
         doorbells.store(self._pending, self.num_workers)
@@ -312,7 +282,7 @@ class WorkerPool(WorkerDeaths):
         lost = self._lost
         if lost and not restart:
             self._worker_died(min(lost))
-        spin_until = start + self._spin_budget()
+        spin_until = start + self.machine.spin_budget()
         # workers are checked every slice, also when other workers' progress woke us
         next_check = start + WAIT_SLICE
         while True:
@@ -335,7 +305,7 @@ class WorkerPool(WorkerDeaths):
                 wait = min(wait, remaining)
             doorbells.wait_while_equal(pending, value, wait, max(0.0, spin_until - now), True)
         if not lost:
-            self._spin.record(time.monotonic() - start)
+            self.machine.spin.record(time.monotonic() - start)
         replies: list[M.Reply | None] = [None] * self.num_workers
         self._restarting = restart
         try:
@@ -370,7 +340,7 @@ class WorkerPool(WorkerDeaths):
         payloads = ({w: ForkingPickler.dumps(r) for w, r in requests.items()}
                     if requests is not None else None)
         self.parent_time.enter()
-        self._adapt()
+        self.machine.adapt(self._process_pids)
         store, mask, sent = self.doorbells.store, self._mask, self._sent
         for w, ids in by_worker.items():
             first, ring = self._id_cursor[w], self._rings[w]
@@ -412,8 +382,8 @@ class WorkerPool(WorkerDeaths):
         try:
             start = time.monotonic()
             doorbells.wait_while_equal(self._completed, completed, timeout,
-                                       self._spin_budget(), True)
-            self._spin.record(time.monotonic() - start)
+                                       self.machine.spin_budget(), True)
+            self.machine.spin.record(time.monotonic() - start)
         finally:
             doorbells.store(waiting, 0)
 
