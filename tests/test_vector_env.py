@@ -1215,3 +1215,26 @@ def test_an_exception_whose_str_fails_does_not_kill_the_worker():
                 envs.step(np.zeros(2, np.int64))
         assert all(p.is_alive() for p in envs._pool.resources.processes)
         assert envs.get_attr("bad") == (True, False)
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+@pytest.mark.parametrize("copy", [True, False])
+def test_copy_changed_after_construction_applies_to_the_next_step(shared_memory, copy):
+    """``envs.copy`` is read at every reset and step, as Gymnasium's AsyncVectorEnv reads it:
+    turned on, the batches returned afterwards no longer change; turned off, they are views
+    of the segment again (with shared memory), or the one batch the env keeps (without)."""
+    fns = [lambda: gym.make("CartPole-v1")] * 2
+    with fastvec.AsyncVectorEnv(fns, shared_memory=shared_memory, copy=copy) as envs:
+        envs.reset(seed=0)
+        actions = np.ones(2, np.int64)
+        envs.copy = not copy
+        first, *_ = envs.step(actions)
+        kept = first.copy()
+        second, *_ = envs.step(actions)
+        assert not np.array_equal(kept, second), "the envs moved"
+        if envs.copy:
+            np.testing.assert_array_equal(first, kept)
+        elif shared_memory:
+            assert not first.flags.owndata and not second.flags.owndata
+        else:
+            assert first is second

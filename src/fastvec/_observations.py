@@ -50,10 +50,9 @@ class ObservationSlots:
                  allocate_scratch: Callable[[], None]) -> None:
         self._slots = plan.observation_slots
         self._space = space
-        self._copy = copy
         self._allocate_scratch = allocate_scratch
         self.current = 0  # the slot the last synchronous reset/step wrote
-        self._copy_out = not copy  # whether reading that slot must copy
+        self._copy_out = not copy  # whether reading that slot must copy (for copy=True)
         # without shared memory: the batch Gymnasium's AsyncVectorEnv keeps, and each env's
         # last observation that came by pipe
         self.batch: Any = None
@@ -85,10 +84,12 @@ class ObservationSlots:
         for i, obs in pipe_obs:
             self._pipe_obs[i] = obs
 
-    def read(self) -> Any:
-        """The observations of the last synchronous reset or step, as the caller gets them."""
+    def read(self, copy: bool) -> Any:
+        """The observations of the last synchronous reset or step, as the caller gets them:
+        with ``copy`` (the vector env's ``copy`` now, which the caller may have changed
+        since construction) they never change afterwards."""
         if self._slots:
-            return self._slots[self.current].read_batch(copy=self._copy_out and self._copy)
+            return self._slots[self.current].read_batch(copy=self._copy_out and copy)
         if all(obs is not None for obs in self._pipe_obs):
             self.batch = concatenate(self._space, self._pipe_obs, self.batch)
-        return deepcopy(self.batch) if self._copy else self.batch
+        return deepcopy(self.batch) if copy else self.batch

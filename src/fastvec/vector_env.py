@@ -381,7 +381,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
         """Wait for the reset sent by :meth:`reset_async` and return ``(observations, infos)``."""
         infos, errors = self._collect(AsyncState.WAITING_RESET, "reset_async", timeout)
         self._raise_errors(errors)
-        return self._obs.read(), infos
+        return self._obs.read(self.copy), infos
 
     # -- step ------------------------------------------------------------------------------
     def step(self, actions: Any, env_ids: Any = None
@@ -456,7 +456,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
             infos = self._report_replaced(replaced, infos, errors)
         self._raise_errors(errors)
         rewards, terminations, truncations = self._pool.results
-        return (self._obs.read(), rewards.copy(), terminations.copy(),
+        return (self._obs.read(self.copy), rewards.copy(), terminations.copy(),
                 truncations.copy(), infos)
 
     def _collect(self, state: AsyncState, started_by: str, timeout: float | None,
