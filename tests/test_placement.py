@@ -74,7 +74,7 @@ def test_a_call_from_another_thread_counts_nothing_for_the_time_between():
     assert parent.caller == 0.25
 
 
-def test_the_clock_is_read_only_where_the_callers_computing_begins_and_ends():
+def test_the_clock_is_read_at_each_leave_and_where_the_callers_computing_ends():
     reads = []
 
     def clock() -> float:
@@ -83,18 +83,51 @@ def test_the_clock_is_read_only_where_the_callers_computing_begins_and_ends():
 
     parent = ParentTime(clock)
     reads.clear()
-    parent.enter()
-    parent.leave(False)  # nothing in flight before or after: no read
+    parent.enter()  # nothing in flight: the pool's own time goes on, no read
     assert not reads
-    parent.enter()
-    parent.leave(True)  # the caller's time begins: one read
-    parent.enter()  # and ends: one read
-    parent.leave(False)
+    parent.leave(True)
+    assert len(reads) == 1
+    parent.enter()  # the caller's computing ends: one read
     assert len(reads) == 2
     assert parent.caller == 1.0
+    parent.leave(False)
+    assert len(reads) == 3
 
 
-def test_a_synchronous_step_reads_the_parents_clock_twice():
+def test_threads_taking_turns_keep_their_waits_as_the_pools_own():
+    """A caller stepping from two threads in turn (a thread pool): each thread's time
+    inside the calls counts, up to the switch."""
+    clocks = {"a": 0.0, "b": 100.0}
+    current = ["a"]
+    parent = ParentTime(lambda: clocks[current[0]], lambda: hash(current[0]))
+    for i in range(6):
+        current[0] = "ab"[i % 2]
+        parent.enter()
+        clocks[current[0]] += 0.01  # ring
+        parent.leave(True)
+        parent.enter()
+        clocks[current[0]] += 1.0  # the wait
+        parent.leave(False)
+    assert parent.own == pytest.approx(6.06)
+    assert parent.caller == 0.0
+
+
+def test_the_callers_computing_read_outside_a_call_is_not_own_after_a_switch():
+    clocks = {"a": 0.0, "b": 100.0}
+    current = ["a"]
+    parent = ParentTime(lambda: clocks[current[0]], lambda: hash(current[0]))
+    parent.enter()
+    clocks["a"] = 1.0
+    parent.leave(True)
+    clocks["a"] = 3.0  # the caller computes
+    assert parent.own == 1.0  # read while it does
+    clocks["a"] = 6.0
+    current[0] = "b"
+    parent.enter()
+    assert parent.own == 1.0
+
+
+def test_a_synchronous_step_reads_the_parents_clock_three_times():
     with fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2) as envs:
         envs.reset(seed=0)
         parent = envs._pool.parent_time
@@ -111,7 +144,7 @@ def test_a_synchronous_step_reads_the_parents_clock_twice():
         for _ in range(200):
             envs.step(actions)
         samples = 2 + int((time.monotonic() - start) / Contention.INTERVAL)  # own, sampled
-        assert 400 <= len(reads) <= 400 + samples
+        assert 600 <= len(reads) <= 600 + samples
 
 
 def test_the_parent_time_is_the_calling_threads_cpu_time_by_default():

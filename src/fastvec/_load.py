@@ -174,14 +174,15 @@ class ParentTime:
     Only the calling thread is timed (``time.thread_time``): the parent's other threads (a
     learner's, a policy's BLAS pool) are other work to :class:`MachineLoad`, and a policy
     computing on several threads is seen by its share on the calling one. Entering twice
-    (a call inside a call) or leaving twice counts once. A call from another thread than
-    the last one's counts nothing since the last clock read on that thread (the two
-    threads' clocks cannot be compared) and goes on from its own thread's clock.
+    (a call inside a call) or leaving twice counts once.
 
-    The clock is read only where the caller's computing begins (leaving with envs in
-    flight) and ends (the next call), and when :attr:`own` is read: the pool's own time is
-    the rest of the thread's. A synchronous step reads it twice, a ``send``/``recv`` cycle
-    about as often (``thread_time`` is a system call, about 1 µs here).
+    The clock is read at every leave and at an enter that ends the caller's computing, and
+    when :attr:`own` is read: the pool's own time is the rest of the thread's. A
+    synchronous step reads it three times (``thread_time`` is a system call, about 1 µs
+    here). A call from another thread than the last one's reads it on entering: the last
+    thread's time counts up to its last read (its last leave), the new thread's from
+    there on; the time between the two, on two clocks that cannot be compared, counts for
+    nobody.
     """
 
     def __init__(self, clock: Callable[[], float] = time.thread_time,
@@ -196,17 +197,20 @@ class ParentTime:
         self._origin = now  # this thread's clock when the accounting moved to it
         self._caller_here = 0.0  # the caller's seconds on this thread
         self._last = now  # this thread's clock at the last read
-        self._last_leave = now  # the last leave with envs in flight, on this thread's clock
+        self._last_leave = now  # the last leave, on this thread's clock
         self._thread = thread()
 
     def _read(self) -> tuple[float, bool]:
-        """(now on this thread's clock, whether the accounting just moved to this thread:
-        the time since the last read, on another clock, then counts for nobody)."""
+        """(now on this thread's clock, whether the accounting just moved to this thread).
+        Call it before changing the state: on a move, the last thread's own time ends at its
+        last read, or at its last leave if the caller was computing since."""
         now, thread = self.clock(), self.thread()
         if thread != self._thread:
-            self._own_before += self._last - self._origin - self._caller_here
-            self._thread, self._origin, self._caller_here, self._last = thread, now, 0.0, now
-            self._last_leave = now  # a caller's interval goes on from this clock
+            caller_computing = self._in_flight and not self._inside
+            end = self._last_leave if caller_computing else self._last
+            self._own_before += end - self._origin - self._caller_here
+            self._thread, self._origin, self._caller_here = thread, now, 0.0
+            self._last = self._last_leave = now
             return now, True
         self._last = now = max(now, self._last)
         return now, False
@@ -215,27 +219,28 @@ class ParentTime:
     def own(self) -> float:
         """CPU seconds of the pool's own so far (every second not the caller's)."""
         now, _ = self._read()
-        if self._in_flight and not self._inside:  # the caller computing since the last read
+        if self._in_flight and not self._inside:  # the caller computing since the last leave
             now = self._last_leave
         return self._own_before + now - self._origin - self._caller_here
 
     def enter(self) -> None:
         if self._inside:
             return
-        self._inside = True
         if self._in_flight:  # the caller's computing ends
             now, moved = self._read()
             if not moved:
                 elapsed = now - self._last_leave
                 self.caller += elapsed
                 self._caller_here += elapsed
+        elif self.thread() != self._thread:  # a call on another thread: time it from here
+            self._read()
+        self._inside = True
 
     def leave(self, in_flight: bool) -> None:
         if not self._inside:
             return
+        self._last_leave, _ = self._read()
         self._inside, self._in_flight = False, in_flight
-        if in_flight:  # the caller's computing begins
-            self._last_leave, _ = self._read()
 
 
 class CallerShare:
