@@ -10,6 +10,8 @@ something (``INFO_PENDING`` tells the parent of a synchronous command, an env's
 
 A worker starts by sending :class:`Ready` or :class:`InitError` (the handshake); a worker that
 replaces a dead one sends the :class:`Reply` of its initial reset after :class:`Ready`.
+:func:`picklable_reply` pickles a reply for the pipe, turning what does not pickle into an
+error of its env.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple
 
 from gymnasium import Space
 
-from fastvec._remote_errors import EnvError
+from fastvec._remote_errors import EnvError, capture
 
 __all__ = [
     "Call",
@@ -36,6 +39,7 @@ __all__ = [
     "SetAttr",
     "Step",
     "as_dict",
+    "picklable_reply",
 ]
 
 
@@ -134,3 +138,51 @@ class InitError(NamedTuple):
     raised."""
 
     error: EnvError
+
+
+# -- a reply on the wire: what does not pickle is an error of its env -----------------------
+def picklable_reply(reply: Reply, start: int,
+                    learn: Callable[[list[tuple[int, Mapping[str, Any]]]], None] | None = None
+                    ) -> bytes:
+    """Pickle ``reply`` (of the group starting at env ``start``) for the parent; what does
+    not pickle becomes an error of its env. ``learn`` is given the infos sent."""
+    try:
+        data = bytes(ForkingPickler.dumps(reply))
+    except Exception:
+        pass
+    else:
+        if learn is not None and reply.infos:
+            learn(reply.infos)
+        return data
+    errors = list(reply.errors)
+    infos = _keep_picklable(reply.infos, errors, "info")
+    observations = _keep_picklable(reply.observations, errors, "observation")
+    results = reply.results
+    if results is not None:
+        kept = dict(_keep_picklable(list(enumerate(results, start)), errors, "result"))
+        results = [kept.get(start + j) for j in range(len(results))]
+    errors.sort(key=lambda error: error.env)
+    data = bytes(ForkingPickler.dumps(Reply(results, infos, errors, observations)))
+    if learn is not None and infos:
+        learn(infos)
+    return data
+
+
+def _keep_picklable(entries: list[tuple[int, Any]], errors: list[EnvError], what: str
+                    ) -> list[tuple[int, Any]]:
+    kept = []
+    for index, value in entries:
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as exc:
+            errors.append(_unpicklable(what, index, exc))
+        else:
+            kept.append((index, value))
+    return kept
+
+
+def _unpicklable(what: str, index: int, exc: Exception) -> EnvError:
+    try:
+        raise TypeError(f"the {what} of env {index} cannot be pickled: {exc}") from exc
+    except TypeError as error:
+        return EnvError(index, capture(error))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from multiprocessing.reduction import ForkingPickler
 from multiprocessing.synchronize import Semaphore
 from typing import Any, Protocol
 
@@ -215,7 +214,7 @@ class Worker:
     def pickle_reply(self, reply: M.Reply) -> bytes:
         """``reply`` pickled for the parent; the infos it carries teach this side their
         envs' schemas, as they will teach the parent's when it unpickles them."""
-        return picklable_reply(reply, self.start, self.rows.learn)
+        return M.picklable_reply(reply, self.start, self.rows.learn)
 
     def signal(self) -> None:
         """Count one more completion and wake the parent if it sleeps on the count and the
@@ -457,51 +456,3 @@ def _check_spaces(env: Env[Any, Any], request: M.CheckSpaces) -> tuple[bool, boo
     else:
         same_obs = is_space_dtype_shape_equiv(request.observation_space, env.observation_space)
     return (same_obs, request.action_space == env.action_space)
-
-
-# -- replies that do not pickle ---------------------------------------------------------------
-def picklable_reply(reply: M.Reply, start: int,
-                    learn: Callable[[list[tuple[int, Mapping[str, Any]]]], None] | None = None
-                    ) -> bytes:
-    """Pickle ``reply`` (of the group starting at env ``start``) for the parent; what does
-    not pickle becomes an error of its env. ``learn`` is given the infos sent."""
-    try:
-        data = bytes(ForkingPickler.dumps(reply))
-    except Exception:
-        pass
-    else:
-        if learn is not None and reply.infos:
-            learn(reply.infos)
-        return data
-    errors = list(reply.errors)
-    infos = _keep_picklable(reply.infos, errors, "info")
-    observations = _keep_picklable(reply.observations, errors, "observation")
-    results = reply.results
-    if results is not None:
-        kept = dict(_keep_picklable(list(enumerate(results, start)), errors, "result"))
-        results = [kept.get(start + j) for j in range(len(results))]
-    errors.sort(key=lambda error: error.env)
-    data = bytes(ForkingPickler.dumps(M.Reply(results, infos, errors, observations)))
-    if learn is not None and infos:
-        learn(infos)
-    return data
-
-
-def _keep_picklable(entries: list[tuple[int, Any]], errors: list[EnvError], what: str
-                    ) -> list[tuple[int, Any]]:
-    kept = []
-    for index, value in entries:
-        try:
-            ForkingPickler.dumps(value)
-        except Exception as exc:
-            errors.append(_unpicklable(what, index, exc))
-        else:
-            kept.append((index, value))
-    return kept
-
-
-def _unpicklable(what: str, index: int, exc: Exception) -> EnvError:
-    try:
-        raise TypeError(f"the {what} of env {index} cannot be pickled: {exc}") from exc
-    except TypeError as error:
-        return EnvError(index, capture(error))
