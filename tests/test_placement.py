@@ -127,6 +127,47 @@ def test_the_callers_computing_read_outside_a_call_is_not_own_after_a_switch():
     assert parent.own == 1.0
 
 
+def test_a_thread_id_reused_with_a_fresh_clock_counts_as_another_thread():
+    """Linux reuses a joined thread's id, and the new thread's CPU clock starts near 0: its
+    time still counts, from its own clock."""
+    clock = {"now": 0.0}
+    parent = ParentTime(lambda: clock["now"], lambda: 1)  # every thread gets id 1
+    for _ in range(10):
+        parent.enter()
+        clock["now"] += 0.5
+        parent.leave(True)
+        clock["now"] += 0.5
+        parent.enter()
+        parent.leave(False)
+    own, caller = parent.own, parent.caller
+    assert (own, caller) == (5.0, 5.0)
+    clock["now"] = 0.01  # the next thread with the same id
+    parent.enter()
+    for _ in range(4):
+        clock["now"] += 0.5
+        parent.leave(True)
+        clock["now"] += 0.5
+        parent.enter()
+    # seen at the first read: its first call (0.5 s, to that read) counts for nobody
+    assert parent.own - own == pytest.approx(1.5)
+    assert parent.caller - caller == pytest.approx(2.0)
+
+
+def test_own_read_from_another_thread_moves_nothing():
+    clocks = {"a": 0.0, "c": 50.0}
+    current = ["a"]
+    parent = ParentTime(lambda: clocks[current[0]], lambda: hash(current[0]))
+    parent.enter()
+    clocks["a"] = 1.0
+    parent.leave(True)
+    clocks["a"] = 9.0  # the caller computes on thread a
+    current[0] = "c"  # another thread reads own
+    assert parent.own == 1.0
+    current[0] = "a"
+    parent.enter()
+    assert parent.caller == 8.0
+
+
 def test_a_synchronous_step_reads_the_parents_clock_three_times():
     with fastvec.AsyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2) as envs:
         envs.reset(seed=0)

@@ -205,20 +205,27 @@ class ParentTime:
         Call it before changing the state: on a move, the last thread's own time ends at its
         last read, or at its last leave if the caller was computing since."""
         now, thread = self.clock(), self.thread()
-        if thread != self._thread:
+        # a thread id is reused once its thread has ended, with a clock that starts again
+        # near 0: a clock that went back is another thread too
+        if thread != self._thread or now < self._last:
             caller_computing = self._in_flight and not self._inside
             end = self._last_leave if caller_computing else self._last
             self._own_before += end - self._origin - self._caller_here
             self._thread, self._origin, self._caller_here = thread, now, 0.0
             self._last = self._last_leave = now
             return now, True
-        self._last = now = max(now, self._last)
+        self._last = now
         return now, False
 
     @property
     def own(self) -> float:
-        """CPU seconds of the pool's own so far (every second not the caller's)."""
-        now, _ = self._read()
+        """CPU seconds of the pool's own so far (every second not the caller's). Read from
+        another thread than the calling one, it is the own time up to the last clock read
+        and moves nothing."""
+        if self.thread() == self._thread:
+            now, _ = self._read()
+        else:
+            now = self._last
         if self._in_flight and not self._inside:  # the caller computing since the last leave
             now = self._last_leave
         return self._own_before + now - self._origin - self._caller_here

@@ -30,7 +30,7 @@ class MachineWatch:
 
     ``worker_pids()`` names the running workers (their CPU time is the pool's own). The
     workers read whether to spin from the word ``S.SPIN`` of the segment's parent line
-    (``spin_word``), which :meth:`adapt` keeps up to date.
+    (at ``parent_line``), which :meth:`adapt` keeps up to date.
     """
 
     def __init__(self, cores: Sequence[int], num_workers: int, pin_workers: bool | None,

@@ -180,7 +180,8 @@ class WorkerPool(WorkerDeaths):
 
     def _launch(self, w: int, initial_reset: tuple[bool, bool] | None = None
                 ) -> tuple[BaseProcess, connection.Connection]:
-        """Start the process of worker ``w`` on its cores (see :class:`Placement`)."""
+        """Start the process of worker ``w`` on its cores (see
+        :class:`fastvec._placement.Placement`)."""
         return self._launcher.launch(w, self.machine.placement.cores_of(w), initial_reset)
 
     def _await_start(self, workers: Sequence[int],
@@ -427,7 +428,7 @@ class WorkerPool(WorkerDeaths):
     def serve_local(self) -> bool:
         """Step the parent's group through every entry queued for it (the parent would
         otherwise wait); return whether there was any. It runs inside the pool's calls, so
-        its CPU time is the pool's own (see :class:`ParentTime`)."""
+        its CPU time is the pool's own (see :class:`fastvec._load.ParentTime`)."""
         local = self.local
         if local is None:
             return False
