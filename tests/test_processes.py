@@ -374,6 +374,6 @@ def test_a_dead_parent_takes_what_the_envs_started(where, context, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        kill_all(pids)  # survivors hold the pipes open: communicate would wait for them
         _, stderr = proc.communicate(timeout=10)
-        kill_all(pids)
     assert "Traceback" not in stderr, stderr

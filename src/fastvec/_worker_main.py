@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Semaphore
@@ -73,6 +74,20 @@ def _parent_alive(start_ppid: int, parent_pid: int) -> bool:
         return False
     except PermissionError:
         pass
+    return True
+
+
+# how long a worker whose pipe closed waits to see whether its parent died (seconds)
+PARENT_GONE_WAIT = 1.0
+
+
+def _parent_gone_within(limit: float, start_ppid: int, parent_pid: int) -> bool:
+    """Whether the vector env's process is seen gone within ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while _parent_alive(start_ppid, parent_pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
     return True
 
 
@@ -149,7 +164,14 @@ def worker_main(index: int, start: int, env_fns: list[Callable[[], Env[Any, Any]
         if seq is not None and not worker.run(
                 seq, lambda: _parent_alive(start_ppid, parent_pid)) and own_group:
             _end_group(segment_file)  # the parent died: as its death signal does
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, BrokenPipeError):
+        # The parent closed its end: it is closing us (and then ends our group itself), or
+        # it died. A dead parent's pipes close before the kernel reparents us and sends the
+        # death signal, so a worker that left at once took its envs' processes' only way
+        # out with it: wait for the parent to be seen gone, briefly.
+        if own_group and _parent_gone_within(PARENT_GONE_WAIT, start_ppid, parent_pid):
+            _end_group(segment_file)
+    except KeyboardInterrupt:
         pass
     finally:
         if worker is not None:
