@@ -443,3 +443,69 @@ def jitter_fns(n: int, **kwargs: Any) -> list:
     import functools
 
     return [functools.partial(JitterEnv, index=i, **kwargs) for i in range(n)]
+
+
+class EpisodeEndEnv(gym.Env):
+    """Box observations and short episodes, for SAME_STEP's episode ends in the segment
+    (``fastvec._finals``). Episodes last ``2 + index % 4`` steps and terminate (even length)
+    or truncate (odd).
+
+    Parameters
+    ----------
+    infos
+        What a step's info holds: ``"none"`` (always empty, as CartPole's), ``"scalars"`` (a
+        few scalars, which go by info row) or ``"mixed"`` (the scalars, and an array on
+        every fourth step).
+    reset_info
+        Resets return a non-empty info (then an episode end goes by pipe).
+    obs_dtype
+        The dtype of the observations returned (another than the space's float32 goes by
+        pipe, so that the final observation keeps it).
+    jitter
+        A step sleeps a random 0..``jitter`` seconds (an rng seeded by ``index``).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, index: int = 0, infos: str = "none", reset_info: bool = False,
+                 obs_dtype: Any = np.float32, jitter: float = 0.0) -> None:
+        self.index = index
+        self.infos = infos
+        self.reset_info = reset_info
+        self.obs_dtype = obs_dtype
+        self.jitter = jitter
+        self.sleeps = np.random.default_rng(2000 + index)
+        self.observation_space = spaces.Box(-1e6, 1e6, (3,), np.float32)
+        self.action_space = spaces.Discrete(4)
+        self.state = np.zeros(3)
+        self.t = 0
+
+    def _obs(self) -> np.ndarray:
+        return self.state.astype(self.obs_dtype)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.t = 0
+        self.state = self.np_random.normal(size=3)
+        return self._obs(), ({"start": float(self.state[0])} if self.reset_info else {})
+
+    def step(self, action):
+        if self.jitter:
+            time.sleep(float(self.sleeps.uniform(0, self.jitter)))
+        self.t += 1
+        self.state = self.state + (int(action) - 1.5) + 0.1 * self.np_random.normal(size=3)
+        length = 2 + self.index % 4
+        end = self.t >= length
+        info: dict[str, Any] = {}
+        if self.infos != "none":
+            info = {"t": self.t, "x": float(self.state[0]), "alive": np.bool_(not end)}
+        if self.infos == "mixed" and self.t % 4 == 0:
+            info["state"] = self.state.copy()
+        return (self._obs(), float(self.state[1]), end and length % 2 == 0,
+                end and length % 2 == 1, info)
+
+
+def episode_end_fns(n: int, **kwargs: Any) -> list:
+    import functools
+
+    return [functools.partial(EpisodeEndEnv, index=i, **kwargs) for i in range(n)]

@@ -221,6 +221,8 @@ class WorkerDeaths:
                 res.kill_group(old)
                 old.join(1.0)
             self.info_rows.forget(self.groups[w])  # the replacement knows no schema yet
+            for i in self.groups[w]:  # nor any episode end the old worker marked
+                self.doorbells.store(self.plan.mark(i) + S.HAS_REPLY, 0)
             try:
                 res.processes[w], res.pipes[w] = self._launch(
                     w, initial_reset=(in_step, autoreset))

@@ -3,8 +3,9 @@
 :class:`PartialBatches` belongs to one :class:`fastvec.AsyncVectorEnv` (which alone calls
 it) and keeps, per env, where it is: *in flight* (sent, its done mark not seen yet),
 *awaiting its reply* (done, with an info, error or pipe observation still in the pipe),
-*ready* (everything in, in the FIFO of finished envs :meth:`recv` returns from) or idle
-(returned to the caller). Envs of a worker that was replaced are *restarted*: reported
+*ready* (everything in, in the FIFO of finished envs :meth:`recv` returns from; an env whose
+SAME_STEP episode end is in its rows, ``_finals.py``, is also *final*) or idle (returned to
+the caller). Envs of a worker that was replaced are *restarted*: reported
 truncated with info ``worker_restarted``, at once if they were outstanding, else on their
 next send.
 """
@@ -24,6 +25,7 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array,
 
 from fastvec import _arguments as A
 from fastvec import _messages as M
+from fastvec import _segment as S
 from fastvec._remote_errors import EnvError, raise_logged
 from fastvec._waiting import WAIT_SLICE
 from fastvec.errors import invalid_actions
@@ -67,6 +69,7 @@ class PartialBatches:
         self.ready: deque[int] = deque()
         self.infos: dict[int, dict[str, Any]] = {}
         self.errors: dict[int, EnvError] = {}
+        self.finals: set[int] = set()
         self.pipe_obs: list[Any] = [None] * n
         # outstanding envs of a replaced worker, and idle ones (reported on their next send)
         self.restarted: dict[int, dict[str, Any]] = {}
@@ -226,6 +229,7 @@ class PartialBatches:
         self.ready.clear()
         self.infos.clear()
         self.errors.clear()
+        self.finals.clear()
         self.restarted.clear()
         self.resetting.clear()
 
@@ -235,9 +239,11 @@ class PartialBatches:
         if self.in_flight:
             for i, has_reply in self.pool.finished(list(self.in_flight)):
                 del self.in_flight[i]
-                if has_reply:
+                if has_reply == S.REPLY_PIPE:
                     self.awaiting.add(i)
                 else:
+                    if has_reply == S.REPLY_FINAL:
+                        self.finals.add(i)
                     self.ready.append(i)
         if self.awaiting:
             workers = {self.pool.worker_of(i) for i in self.awaiting}
@@ -309,6 +315,7 @@ class PartialBatches:
                 kept = self.same_step or i in self.resetting
                 info = {**(reset_infos.get(i, {}) if kept else {}), "worker_restarted": True}
                 self.infos.pop(i, None)
+                self.finals.discard(i)
                 if i in pipe_obs:
                     self.pipe_obs[i] = pipe_obs[i]
                 if i in self.in_flight or i in self.awaiting or i in outstanding:
@@ -330,7 +337,7 @@ class PartialBatches:
         truncations = all_truncations[index]
         infos: dict[str, Any] = {}
         info_rows = self.pool.info_rows if self.pool.info_rows.learned else None
-        if not (self.infos or self.restarted or self.resetting):
+        if not (self.infos or self.restarted or self.resetting or self.finals):
             # no env of the batch has an info (nor can have one), or all are in their rows
             # with one schema: the batch at once
             batched = infos if info_rows is None else info_rows.read_batch(ids)
@@ -341,7 +348,10 @@ class PartialBatches:
         rows = _Rows(len(ids))
         for k, i in enumerate(ids):
             info = self.infos.pop(i, None)
-            if info is None and info_rows is not None:  # a few scalars, in the env's row
+            if i in self.finals:  # its episode end, in its rows
+                self.finals.discard(i)
+                info = self.pool.final_rows.info(i)
+            elif info is None and info_rows is not None:  # a few scalars, in the env's row
                 info = info_rows.read(i)
             restarted = self.restarted.pop(i, None)
             if restarted is not None:  # a reset it was sent for is not cut short

@@ -31,6 +31,7 @@ from fastvec import _memory
 from fastvec import _messages as M
 from fastvec import _segment as S
 from fastvec._deaths import RESTARTABLE, WorkerDeaths
+from fastvec._finals import FinalRows
 from fastvec._info_rows import InfoRows
 from fastvec._launch import Launcher
 from fastvec._local import LocalGroup, LocalPipe
@@ -104,6 +105,9 @@ class WorkerPool(WorkerDeaths):
         plan.bind(res.segment, buffer)
         res.results = plan.result_arrays(buffer)
         res.info_rows = self.info_rows = InfoRows(buffer, plan.info_rows, 0, plan.num_envs)
+        # SAME_STEP's episode ends in the segment, and those of the last synchronous step
+        self.final_rows = FinalRows(plan.final_observations, self.info_rows)
+        self.finals: list[int] = []
         self._pending = plan.parent_line + S.PENDING
         self._completed = plan.parent_line + S.COMPLETED
         cores = sorted(affinity())
@@ -308,18 +312,34 @@ class WorkerPool(WorkerDeaths):
         if not lost:
             self.machine.spin.record(time.monotonic() - start)
         replies: list[M.Reply | None] = [None] * self.num_workers
+        self.finals = []
         self._restarting = restart
         try:
             for w in range(self.num_workers):
                 flag = self.plan.worker_line(w) + S.INFO_PENDING
-                if w not in lost and doorbells.load(flag):
+                if w in lost:
+                    continue
+                left = doorbells.load(flag)
+                if left & S.REPLY_FINAL:
+                    self.finals.extend(self._take_finals(w))
+                if left & S.REPLY_PIPE:
                     replies[w] = self.recv(w)
+                if left:
                     doorbells.store(flag, 0)  # read: waiting again must not read it twice
         finally:
             self._restarting = False
         if lost:
             self._replace_lost(name)
         return replies
+
+    def _take_finals(self, w: int) -> list[int]:
+        """The envs of worker ``w`` whose episode end the last synchronous step left in their
+        rows (their HAS_REPLY marks, which this clears)."""
+        load, store, reply = self.doorbells.load, self.doorbells.store, self._reply_words
+        finals = [i for i in self.groups[w] if load(reply[i]) == S.REPLY_FINAL]
+        for i in finals:
+            store(reply[i], 0)
+        return finals
 
     # -- partial entries -------------------------------------------------------------------
     def worker_of(self, env: int) -> int:
@@ -360,12 +380,14 @@ class WorkerPool(WorkerDeaths):
             self._send_payloads(payloads)
         self.parent_time.leave(True)  # until the next call: envs are in flight
 
-    def finished(self, env_ids: Sequence[int]) -> list[tuple[int, bool]]:
+    def finished(self, env_ids: Sequence[int]) -> list[tuple[int, int]]:
         """Those of ``env_ids`` (submitted, not yet seen done) whose results are in the
-        segment, with whether a reply of theirs is coming through the pipe."""
+        segment, with what comes besides (their HAS_REPLY mark: 0, S.REPLY_PIPE, a reply
+        of theirs is coming through the pipe, or S.REPLY_FINAL, their episode end is in
+        their rows)."""
         load, sent = self.doorbells.load, self._sent
         done, reply = self._done_words, self._reply_words
-        return [(i, load(reply[i]) != 0) for i in env_ids if load(done[i]) == sent[i]]
+        return [(i, load(reply[i])) for i in env_ids if load(done[i]) == sent[i]]
 
     @property
     def completed(self) -> int:

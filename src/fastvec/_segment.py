@@ -4,20 +4,22 @@ From the start: a header (magic, layout version, sizes and a digest of the whole
 checked by a worker before any use), one control line per worker and one for the parent
 (the words below), the actions (one row per env and leaf), the step results (rewards,
 terminations, truncations), each worker's command queue, the per-env completion marks, the
-per-env info rows (``_info_rows.py``) and the observation slots (each a whole batch). Every
-region is 64-byte aligned.
+per-env info rows (``_info_rows.py``), in SAME_STEP mode the envs' final observations
+(``_finals.py``) and the observation slots (each a whole batch). Every region is 64-byte
+aligned.
 
 A worker's command queue is a ring of :data:`ENTRY` records (command, slot, first, count)
 and a ring of env ids, both ``queue_capacity`` long (a power of two at least the
 largest group): the parent publishes entry ``seq`` at ``seq % capacity`` and then sets the
 worker's ``CMD_SEQ`` to ``seq``. An entry's envs are the ``count`` ids from position ``first``
 of the id ring. Each in-flight env belongs to exactly one unfinished entry, so neither ring can
-overflow. A synchronous entry covers the whole group and is finished when the
-parent's ``PENDING`` counter reaches 0; a partial entry (:data:`PARTIAL` in its command
-word) marks each env done on its own: the
-worker sets the env's ``HAS_REPLY`` mark (an info, an error or a pipe observation is coming
-in the entry's reply), increments its ``DONE`` mark and the parent's ``COMPLETED`` counter,
-and wakes the parent if its ``WAITING`` word is set.
+overflow. A synchronous entry covers the whole group and is finished when the parent's
+``PENDING`` counter reaches 0; a partial entry (:data:`PARTIAL` in its command word) marks
+each env done on its own: the worker sets the env's ``HAS_REPLY`` mark (:data:`REPLY_PIPE`:
+an info, an error or a pipe observation is coming in the entry's reply; :data:`REPLY_FINAL`:
+its episode ended and its final observation and info are in the segment, see
+``_finals.py``), increments its ``DONE`` mark and the parent's ``COMPLETED`` counter, and
+wakes the parent if its ``WAITING`` word is set.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fastvec._info_rows import ROW as INFO_ROW
 from fastvec.layout import ALIGNMENT, DynamicShapeError, Layout, Segment, align
 
 MAGIC = 0x3143455654534146  # b"FASTVEC1" little-endian
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 # magic, layout version, num_envs, num_workers, layout digest, total bytes
 HEADER = struct.Struct("<QIIIIQ")
 
@@ -49,6 +51,8 @@ CMD_SEQ = 0  # the last entry published to the worker's queue (its doorbell)
 SLEEPING = 4
 # What the worker is doing while it starts (STATUS_*), read by the parent on a start timeout.
 STATUS = 8
+# What a synchronous entry's envs left besides their rows: REPLY_PIPE (a reply is in the pipe)
+# or-ed with REPLY_FINAL (some env's HAS_REPLY mark is REPLY_FINAL; the parent clears those).
 INFO_PENDING = 12
 # The last cmd_seq the worker finished, stored after it decremented `pending`: lets the parent
 # tell which workers are done when a dead worker will never decrement the counter.
@@ -82,10 +86,13 @@ E_SLOT = 4
 E_FIRST = 8
 E_COUNT = 12
 PARTIAL = 0x100
-# One env's completion marks: its done counter, and whether its result comes with a reply.
+# One env's completion marks: its done counter, and what comes with its result besides its
+# rows (0: nothing; a synchronous entry sets only REPLY_FINAL, which the parent clears).
 MARK = 8
 DONE = 0
 HAS_REPLY = 4
+REPLY_PIPE = 1
+REPLY_FINAL = 2
 
 # Starting up and attaching the segment (the parent clears the word before a launch).
 STATUS_STARTING = 0
@@ -102,9 +109,9 @@ class SegmentPlan:
 
     def __init__(self, num_envs: int, num_workers: int, action_space: spaces.Space[Any],
                  observation_space: spaces.Space[Any] | None, check_obs_range: bool = True,
-                 observation_slots: int = 1) -> None:
+                 observation_slots: int = 1, final_observations: bool = False) -> None:
         self._args = (num_envs, num_workers, action_space, observation_space, check_obs_range,
-                      observation_slots)
+                      observation_slots, final_observations)
         self.num_envs = num_envs
         self.num_workers = num_workers
         control = LINE * (2 + num_workers)
@@ -134,6 +141,12 @@ class SegmentPlan:
         # each env's info row: a step's info of a few scalars (see _info_rows.py)
         self.info_rows = cursor
         cursor += INFO_ROW * num_envs
+        # SAME_STEP's final observations, one row per env, for a Box space (see _finals.py)
+        self.final_observations: Layout | None = None
+        if final_observations and isinstance(observation_space, spaces.Box):
+            self.final_observations = Layout(observation_space, num_envs, cursor,
+                                             check_range=False, path="final_obs")
+            cursor += self.final_observations.nbytes
         # One full observation batch per slot; observations travel through the pipe if empty.
         # The slots come last, so the last one (a rarely used scratch slot) ends the segment
         # and its pages can be allocated only once it is needed.
@@ -147,24 +160,23 @@ class SegmentPlan:
         self.nbytes = cursor
         # Every offset, dtype and shape: two plans that place anything differently differ here.
         geometry: list[tuple[Any, ...]] = [(leaf.path, leaf.dtype.str, leaf.shape, leaf.offset)
-                    for layout in (self.actions, *self.observation_slots)
-                    if layout is not None for leaf in layout.leaves]
+                    for layout in self._layouts() for leaf in layout.leaves]
         geometry.append((self.queues, self.queue_capacity, self.marks, self.info_rows,
                          self.rewards, self.terminations, self.truncations, self.nbytes))
         self.digest = zlib.crc32(repr(geometry).encode())
 
+    def _layouts(self) -> list[Layout]:
+        return [layout for layout in (self.actions, self.final_observations,
+                                      *self.observation_slots) if layout is not None]
+
     def bind(self, segment: Segment, buffer: memoryview) -> None:
         """Build every layout's views over ``buffer``."""
-        if self.actions is not None:
-            self.actions.bind(segment, buffer)
-        for layout in self.observation_slots:
+        for layout in self._layouts():
             layout.bind(segment, buffer)
 
     def unbind(self) -> None:
         """Drop every view into the segment."""
-        if self.actions is not None:
-            self.actions.unbind()
-        for layout in self.observation_slots:
+        for layout in self._layouts():
             layout.unbind()
 
     def __reduce__(self) -> tuple[type[SegmentPlan], tuple[Any, ...]]:

@@ -244,6 +244,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
                 self.single_observation_space if shared_memory else None,
                 check_obs_range=observation_mode == "same",
                 observation_slots=slots_needed(copy),
+                final_observations=self.autoreset_mode is AutoresetMode.SAME_STEP,
             )
         except CustomSpaceError as exc:
             raise ValueError(
@@ -485,12 +486,19 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
             errors.extend(reply.errors)
             self._obs.store_pipe(reply.observations)
         info_rows = self._pool.info_rows
+        # SAME_STEP's episode ends left in the envs' rows (their info rows hold final infos)
+        finals = self._pool.finals if rows else []
         if rows and info_rows.learned:
-            if not per_env and info_rows.learned == self.num_envs:
+            if not per_env and not finals and info_rows.learned == self.num_envs:
                 batched = info_rows.read_batch(range(self.num_envs))
                 if batched is not None:  # every env's info in its row, with one schema
                     return batched, errors
-            per_env.extend((i, info_rows.read(i)) for i in info_rows.set_rows())
+            ended = set(finals)
+            per_env.extend((i, info_rows.read(i)) for i in info_rows.set_rows()
+                           if i not in ended)
+        if finals:
+            per_env.extend((i, self._pool.final_rows.info(i)) for i in finals)
+        if finals or (rows and info_rows.learned):
             per_env.sort(key=itemgetter(0))
         infos: dict[str, Any] = {}
         for i, info in per_env:

@@ -27,6 +27,7 @@ from gymnasium.vector import AutoresetMode
 
 from fastvec import _messages as M
 from fastvec import _segment as S
+from fastvec._finals import FinalRows
 from fastvec._info_rows import InfoRows
 from fastvec._remote_errors import NOT_RETURNED, EnvError, NotADictError, capture, env_error
 from fastvec._sync import Doorbells
@@ -99,6 +100,10 @@ class Worker:
         self.rewards, self.terminations, self.truncations = plan.result_arrays(buffer)
         # the group's info rows (sized to the last env: the group's size is not known yet)
         self.rows = InfoRows(buffer, plan.info_rows, start, plan.num_envs - start)
+        # SAME_STEP's episode ends (see _finals.py); whether the current synchronous entry
+        # set an env's HAS_REPLY mark to REPLY_FINAL
+        self.finals = FinalRows(plan.final_observations, self.rows)
+        self.final_marked = False
         self.envs: list[Env[Any, Any]] = []
         self.autoreset: list[bool] = []
         self.last_obs: list[Any] = []
@@ -202,7 +207,9 @@ class Worker:
         if partial:
             doorbells.store(self.line + S.DONE_SEQ, seq)
         else:
-            doorbells.store(self.line + S.INFO_PENDING, 1 if reply else 0)
+            doorbells.store(self.line + S.INFO_PENDING,
+                            (S.REPLY_PIPE if reply else 0)
+                            | (S.REPLY_FINAL if self.final_marked else 0))
             if doorbells.add(self.pending, -1) == 0:
                 doorbells.wake(self.pending)
             doorbells.store(self.line + S.DONE_SEQ, seq)
@@ -221,26 +228,28 @@ class Worker:
         count reached the one it waits for."""
         self.doorbells.count_and_wake(self.completed, self.waiting, self.target)
 
-    def mark_done(self, env: int, has_reply: bool) -> None:
-        """Env ``env``'s results are in the segment (a partial entry): mark it, count it and
-        wake the parent if it sleeps on the count."""
+    def mark_done(self, env: int, has_reply: int) -> None:
+        """Env ``env``'s results are in the segment (a partial entry): mark it (``has_reply``:
+        0, S.REPLY_PIPE or S.REPLY_FINAL), count it and wake the parent if it sleeps on the
+        count."""
         doorbells, mark = self.doorbells, self.marks + S.MARK * env
-        doorbells.store(mark + S.HAS_REPLY, 1 if has_reply else 0)
+        doorbells.store(mark + S.HAS_REPLY, has_reply)
         doorbells.add(mark + S.DONE, 1)
         self.signal()
 
-    def finish_env(self, env: int, reply: M.Reply | None) -> None:
+    def finish_env(self, env: int, reply: M.Reply | None, final: bool = False) -> None:
         """A partial entry's env ``env`` is done: mark it, and send its reply (its info, its
         error or its observation by pipe), if it has one, now rather than with the rest of
-        the entry, so that the parent can return it at once."""
+        the entry, so that the parent can return it at once (``final``: its episode end is
+        in its rows instead)."""
         if not _entries(reply):
-            self.mark_done(env, False)
+            self.mark_done(env, S.REPLY_FINAL if final else 0)
             return
         data = self.pickle_reply(reply)  # type: ignore[arg-type]
         # marked before it is sent, so that a reply larger than the pipe's buffer cannot
         # block this worker while the parent waits for the mark; counted again once sent,
         # which wakes a parent that saw the mark before the bytes arrived
-        self.mark_done(env, True)
+        self.mark_done(env, S.REPLY_PIPE)
         self.pipe.send_bytes(data)
         self.signal()
 
@@ -274,6 +283,8 @@ class Worker:
         autoreset = self.autoreset
         last_obs = self.last_obs
         rows = self.rows
+        finals = self.finals if same_step and self.finals.enabled else None
+        self.final_marked = False
         start, ids = self.start, self.ids
         partial = ids is not None
         order: Any = enumerate(self.envs)  # (group index, env)
@@ -286,6 +297,7 @@ class Worker:
             i = start + j
             # what the env returned once it has (errors after that are in storing it)
             result = NOT_RETURNED
+            final = False  # the episode's end is in the env's rows (finals)
             try:
                 if semaphore is not None:
                     semaphore.acquire()
@@ -302,8 +314,12 @@ class Worker:
                             final_obs, final_info = obs, info
                             result = NOT_RETURNED
                             obs, reset_info = env.reset()
-                            info = {"final_info": final_info, "final_obs": final_obs,
-                                    **reset_info}
+                            if finals is not None and finals.put(i, final_obs, final_info,
+                                                                 reset_info):
+                                final, info = True, {}
+                            else:
+                                info = {"final_info": final_info, "final_obs": final_obs,
+                                        **reset_info}
                 finally:
                     if semaphore is not None:
                         doorbells.store(permit, 0)
@@ -331,7 +347,11 @@ class Worker:
                     reply = M.Reply()
                 reply.errors.append(env_error(exc, i, result))
             else:
-                if info:
+                if final:
+                    if not partial:  # the parent reads the group's marks (see _finals.py)
+                        doorbells.store(self.marks + S.MARK * i + S.HAS_REPLY, S.REPLY_FINAL)
+                        self.final_marked = True
+                elif info:
                     # a few scalars whose schema the parent knows go into the env's row
                     if not rows.learned or not rows.write(i, info):
                         if reply is None:
@@ -340,7 +360,7 @@ class Worker:
                 elif rows.learned:
                     rows.clear(i)
             if partial:
-                self.finish_env(i, reply)
+                self.finish_env(i, reply, final)
                 reply = None
         return reply
 
