@@ -12,7 +12,9 @@ The runs are interleaved (every configuration once, then again...) and each figu
 median of the repeats, so that a noisy neighbour slows every configuration alike; compare the
 ratios. Two rates per run: the whole training (``learn``, or rollouts plus updates) and the
 rollout collection alone (acting and stepping, no gradient steps). The PyTorch PPO runs use
-PyTorch's own thread count unless ``--torch-threads`` says otherwise (SB3's use one thread).
+PyTorch's own thread count unless ``--torch-threads`` says otherwise (SB3's use one thread);
+fastvec's PyTorch PPO rows run again with ``--advised-threads`` (default 1), the count its
+``TrainerThreadsWarning`` advises, against the same baseline.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def torch_run(example: ModuleType, vector: str, steps: int, threads: int
     return result.steps_per_second, result.env_steps / result.collect_seconds
 
 
-def main(steps: int, repeats: int, threads: int, torch_only: bool) -> None:
+def main(steps: int, repeats: int, threads: int, torch_only: bool, advised: int) -> None:
     example = _load_example("ppo_torch_cartpole")
     configs: dict[str, tuple[str, Callable[[], tuple[float, float]]]] = {
         "SubprocVecEnv": ("SB3 PPO", lambda: sb3_run(SubprocVecEnv, steps)),
@@ -113,6 +115,11 @@ def main(steps: int, repeats: int, threads: int, torch_only: bool) -> None:
         "fastvec double-buffered": ("torch PPO",
                                     lambda: torch_run(example, "fastvec-double", steps, threads)),
     }
+    if advised != threads:  # fastvec as its TrainerThreadsWarning tells the user to run it
+        configs[f"fastvec synchronous, {advised} thread(s)"] = (
+            "torch PPO", lambda: torch_run(example, "fastvec", steps, advised))
+        configs[f"fastvec parent group, {advised} thread(s)"] = (
+            "torch PPO", lambda: torch_run(example, "fastvec-parent", steps, advised))
     if torch_only:
         configs = {name: config for name, config in configs.items()
                    if config[0] == "torch PPO"}
@@ -147,5 +154,9 @@ if __name__ == "__main__":
                         f"own, {TORCH_DEFAULT_THREADS} here)")
     parser.add_argument("--torch-only", action="store_true",
                         help="only the PyTorch PPO rows")
+    parser.add_argument("--advised-threads", type=int, default=1,
+                        help="also run fastvec's PyTorch PPO rows with this many PyTorch "
+                        "threads, if it differs from --torch-threads (default 1: what "
+                        "fastvec's TrainerThreadsWarning advises with one worker per core)")
     args = parser.parse_args()
-    main(args.steps, args.repeats, args.torch_threads, args.torch_only)
+    main(args.steps, args.repeats, args.torch_threads, args.torch_only, args.advised_threads)

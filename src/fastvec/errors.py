@@ -14,6 +14,7 @@ __all__ = [
     "NoAsyncCallError",
     "OversubscribedWarning",
     "RemoteTraceback",
+    "TrainerThreadsWarning",
     "WorkerDiedError",
     "WorkerStartTimeoutError",
 ]
@@ -39,6 +40,12 @@ class AutotuneError(RuntimeError):
 class OversubscribedWarning(RuntimeWarning):
     """More worker processes than usable cores: every step then waits for workers to be
     scheduled in turn, and fewer workers (the default, one per usable core) step faster."""
+
+
+class TrainerThreadsWarning(OversubscribedWarning):
+    """PyTorch's intra-op threads in the process that builds the vector env, with its worker
+    processes, are more than the usable cores: they take turns on the cores, which slows
+    both the envs and the policy; ``torch.set_num_threads`` (what the message says) cures it."""
 
 
 class _AboutAWorker:

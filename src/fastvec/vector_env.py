@@ -13,7 +13,6 @@ partial-batch calls ``send``, ``async_reset`` and ``recv`` from
 from __future__ import annotations
 
 import multiprocessing
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -36,12 +35,13 @@ from fastvec import _arguments as A
 from fastvec import _messages as M
 from fastvec._env_calls import EnvCalls
 from fastvec._observations import ObservationSlots, scratch_bytes, slots_needed
+from fastvec._oversubscription import warn_if_oversubscribed
 from fastvec._partial import PartialBatches
 from fastvec._partial_calls import PartialBatchCalls
 from fastvec._pool import WorkerPool, finalize, usable_cores
 from fastvec._remote_errors import EnvError, raise_logged
 from fastvec._segment import SegmentPlan
-from fastvec.errors import OversubscribedWarning, WorkerDiedError, invalid_actions
+from fastvec.errors import WorkerDiedError, invalid_actions
 
 __all__ = ["AsyncState", "AsyncVectorEnv"]
 
@@ -100,7 +100,10 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
         At most this many sub-environments run ``reset``/``step`` at once.
     num_workers
         Worker processes. Default: the usable cores, never more than the number of envs.
-        More than the usable cores warns (:class:`fastvec.errors.OversubscribedWarning`).
+        More than the usable cores warns (:class:`fastvec.errors.OversubscribedWarning`), and
+        so do PyTorch's intra-op threads in this process when, with the workers, they are more
+        than the usable cores (:class:`fastvec.errors.TrainerThreadsWarning`: call
+        ``torch.set_num_threads`` as it says).
     pin_workers
         Pin worker ``i`` to the ``i``-th usable core (Linux). Default (``None``): pin when
         there is exactly one worker per usable core, where it keeps the scheduler from
@@ -227,13 +230,7 @@ class AsyncVectorEnv(EnvCalls, PartialBatchCalls, VectorEnv):
         self.num_workers = A.num_workers(num_workers, self.num_envs, self.parent_group)
         self.batch_size = A.batch_size(batch_size, self.num_envs)
         self.pin_workers = None if pin_workers is None else bool(pin_workers)
-        cores = usable_cores()
-        if self.num_workers > cores:
-            warnings.warn(
-                f"AsyncVectorEnv(num_workers={self.num_workers}) on {cores} usable core(s): "
-                "workers beyond one per core only wait for each other to be scheduled; the "
-                f"default (num_workers=None, {min(cores, self.num_envs)} here) is faster.",
-                OversubscribedWarning, stacklevel=2)
+        warn_if_oversubscribed(self.num_workers, self.num_envs, usable_cores(), stacklevel=2)
         (self.metadata, self.render_mode, self.single_action_space, self.action_space,
          self.single_observation_space, self.observation_space) = A.read_spaces(
             env_fns, observation_mode, self.autoreset_mode)
