@@ -34,7 +34,7 @@ def _mypy_env() -> dict[str, str]:
     return env
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                           env=_mypy_env(), timeout=timeout)
 
@@ -53,12 +53,15 @@ def test_version_is_single_sourced() -> None:
 
 # -- typing ------------------------------------------------------------------------------------
 
+@pytest.mark.timeout(600)
 def test_stubs_match_the_compiled_modules() -> None:
     proc = _run("-m", "mypy.stubtest", "fastvec._kernels", "fastvec._sync", "--concise",
                 "--allowlist", str(TESTS / "stubtest_allowlist.txt"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+# a cold mypy cache reads numpy's and gymnasium's stubs: minutes on a busy 2-core machine
+@pytest.mark.timeout(900)
 def test_public_api_and_stubs_type_check_with_mypy_strict() -> None:
     # --follow-imports=silent: fastvec's own modules are read for their types, but this
     # test is about what users see (typed_usage.py), not the internals.
